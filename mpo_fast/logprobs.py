@@ -1,0 +1,212 @@
+"""`fused_logprobs`: per-token log p(target) from hidden states and the LM head, without logits.
+
+This file owns the public contract (argument checks, backend choice, the autograd Function);
+the math lives in the backends: `mpo_fast.torch_backend` (chunked torch, any device) and the
+Triton kernels in `mpo_fast.kernels` (CUDA, or the CPU under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import torch_backend
+
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probability of each target token under the LM head, computed chunk-wise.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; fp64 on the torch backend).
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        targets: ``[...]`` integer token ids (``hidden.shape[:-1]``), already shifted:
+            ``targets[..., t]`` is the token predicted from ``hidden[..., t, :]``. Positions equal
+            to ``ignore_index`` are skipped (no FLOPs) and get exactly 0.0.
+        bias: optional ``[V]`` LM-head bias.
+        temperature: logits are divided by it (after the softcap).
+        softcap: if set, logits ``a`` become ``softcap * tanh(a / softcap)`` (Gemma-2 style).
+        backend: ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (chunked PyTorch, any device) or ``"auto"`` (triton on CUDA, else
+            torch; the ``MPO_FAST_BACKEND`` environment variable overrides the automatic pick).
+
+    Returns:
+        fp32 tensor of ``targets.shape`` (fp64 for fp64 inputs):
+        ``z[target] - logsumexp(z)`` with ``z = softcap*tanh((hidden @ weight.T + bias)/softcap)
+        / temperature``. Differentiable w.r.t. hidden, weight and bias for any upstream
+        gradient; under ``torch.no_grad()`` nothing is saved for backward.
+
+    Memory: no ``[N, V]`` tensor is ever allocated. Beyond inputs, outputs and gradients the
+    op keeps O(N) fp32 (row indices, log-sum-exp) plus a bounded workspace: see
+    ``mpo_fast.torch_backend`` (default 256 MiB) and ``mpo_fast.kernels.logprob_backward``
+    (fp32 dW slab of 8192 x H for half-precision weights).
+    """
+    _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+    impl = _backend_module(backend, hidden)
+    V, H = weight.shape
+    hidden2d = hidden.reshape(-1, H)
+    if hidden2d.numel() and hidden2d.stride(-1) != 1:
+        hidden2d = hidden2d.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    flat = targets.reshape(-1).long()
+    valid = flat != ignore_index
+    _check_target_range(flat, valid, V, ignore_index)
+    rows = valid.nonzero().squeeze(1)
+    head = _Head(impl, 1.0 / temperature, softcap)
+    args = (hidden2d, weight, bias, rows, flat.index_select(0, rows))
+    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and differentiable:
+        out = _FusedLogProbs.apply(head, *args)
+    else:
+        with torch.no_grad():
+            out = _scatter(head.forward(*args)[0], rows, flat.numel(), hidden.dtype)
+    return out.view(targets.shape)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A backend bound to the head's elementwise transform (1/temperature, softcap)."""
+
+    impl: ModuleType
+    inv_temp: float
+    softcap: float | None
+
+    def forward(self, hidden, weight, bias, rows, targets):
+        lse, zy = self.impl.logprob_forward(hidden, weight, bias, rows, targets,
+                                            self.inv_temp, self.softcap)
+        return zy - lse, lse
+
+    def backward(self, hidden, weight, bias, rows, targets, lse, grad, needs):
+        return self.impl.logprob_backward(hidden, weight, bias, rows, targets, lse, grad,
+                                          self.inv_temp, self.softcap, needs)
+
+
+class _FusedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, head, hidden, weight, bias, rows, targets):
+        logp, lse = head.forward(hidden, weight, bias, rows, targets)
+        ctx.head = head
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
+        return _scatter(logp, rows, hidden.shape[0], hidden.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[1:4])
+        grad = grad_out.index_select(0, rows).to(lse.dtype).contiguous()
+        gh, gw, gb = ctx.head.backward(hidden, weight, bias, rows, targets, lse, grad, needs)
+        return None, gh, gw, gb, None, None
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[M] values at `rows` of an [n] vector that is exactly 0 elsewhere."""
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.zeros(n, device=values.device, dtype=out_dtype)
+    return out.index_copy_(0, rows, values.to(out_dtype))
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name `fused_logprobs` would use for tensors on `device` of `dtype`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("MPO_FAST_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"MPO_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        usable = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if usable else "torch"
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    if name == "torch":
+        return torch_backend
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package; use backend='torch'")
+    from .kernels import tl_utils
+
+    if hidden.device.type != "cuda" and not tl_utils.interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); set "
+            "TRITON_INTERPRET=1 to run the kernels on the CPU, or use backend='torch'")
+    if hidden.dtype == torch.float64:
+        raise TypeError("backend='triton' takes bf16, fp16 or fp32 hidden; fp64 needs 'torch'")
+    from . import kernels
+
+    return kernels
+
+
+def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be bf16, fp16, fp32 or fp64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim must be H={weight.shape[1]} (weight is "
+                         f"{tuple(weight.shape)}), got hidden shape {tuple(hidden.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}")
+    devices = {"hidden": hidden.device, "weight": weight.device, "targets": targets.device}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("hidden, weight, targets and bias must be on one device, got "
+                         + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and
+                                    math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
+def _check_target_range(flat: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int):
+    bad = valid & ((flat < 0) | (flat >= V))
+    if bool(bad.any()):
+        first = int(flat[bad][0])
+        raise ValueError(f"targets must be in [0, V={V}) or ignore_index={ignore_index}; "
+                         f"found {first}")
