@@ -131,7 +131,7 @@ def _autotune_kwargs() -> dict:
     return {"reset_to_zero": ["GH_ptr", "GW_ptr", "GB_ptr"]}
 
 
-def logprob_backward(
+def backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -142,7 +142,7 @@ def logprob_backward(
     inv_temp: float,
     softcap: float | None,
     needs: tuple[bool, bool, bool],
-    slab_rows: int = SLAB_ROWS,
+    slab_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (d hidden [N, H], d weight [V, H], d bias [V]) in the input dtypes, or None
     where `needs` (hidden, weight, bias) is False. `grad` is dL/dlogp for the M rows, fp32."""
@@ -151,6 +151,7 @@ def logprob_backward(
         _launch = autotuned(_logprob_bwd_kernel, _CONFIGS, key=["V", "Hdim"], fixed=_FIXED,
                             **_autotune_kwargs())
     need_h, need_w, need_b = needs
+    slab_rows = slab_rows or SLAB_ROWS
     M, (V, Hdim) = rows.numel(), weight.shape
     dev = hidden.device
     gh = torch.zeros((hidden.shape[0], Hdim), device=dev, dtype=torch.float32) if need_h else None

@@ -90,12 +90,12 @@ _SPLIT_ALIGN = 256
 def _vocab_splits(M: int, V: int, device: torch.device) -> int:
     """Enough (token block x vocab split) programs to fill every SM a few times over."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
-    token_blocks = triton.cdiv(M, 64)
+    token_blocks = max(1, triton.cdiv(M, 64))
     want = triton.cdiv(4 * sms, token_blocks)
     return max(1, min(want, triton.cdiv(V, 4 * _SPLIT_ALIGN)))
 
 
-def logprob_forward(
+def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -89,12 +89,12 @@ class _Head:
     softcap: float | None
 
     def forward(self, hidden, weight, bias, rows, targets):
-        lse, zy = self.impl.logprob_forward(hidden, weight, bias, rows, targets,
+        lse, zy = self.impl.forward(hidden, weight, bias, rows, targets,
                                             self.inv_temp, self.softcap)
         return zy - lse, lse
 
     def backward(self, hidden, weight, bias, rows, targets, lse, grad, needs):
-        return self.impl.logprob_backward(hidden, weight, bias, rows, targets, lse, grad,
+        return self.impl.backward(hidden, weight, bias, rows, targets, lse, grad,
                                           self.inv_temp, self.softcap, needs)
 
 

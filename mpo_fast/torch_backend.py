@@ -72,7 +72,7 @@ def _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap):
     return t * (softcap * inv_temp), t, wc
 
 
-def logprob_forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None):
+def forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None):
     """(lse, z_target) [M] for hidden rows `rows` (int64) with `targets`; fp32 (fp64 for fp64)."""
     M, (V, H) = rows.numel(), weight.shape
     acc = accum_dtype(hidden.dtype)
@@ -99,7 +99,7 @@ def logprob_forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budg
     return lse, zy
 
 
-def logprob_backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, needs,
+def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, needs,
                      budget=None):
     """(d hidden [N, H], d weight [V, H], d bias [V]) in the input dtypes, None where not needed."""
     need_h, need_w, need_b = needs

@@ -1,0 +1,95 @@
+"""Every bad input to fused_logprobs is a clear error naming the argument, before any kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_TRITON
+
+import mpo_fast
+
+N, H, V = 10, 16, 50
+
+
+def good():
+    return {
+        "hidden": torch.randn(N, H),
+        "weight": torch.randn(V, H),
+        "targets": torch.randint(0, V, (N,)),
+    }
+
+
+def call(backend="torch", **changes):
+    args = good()
+    kwargs = {k: changes.pop(k) for k in list(changes) if k not in args}
+    args.update(changes)
+    return mpo_fast.fused_logprobs(args["hidden"], args["weight"], args["targets"],
+                                   backend=backend, **kwargs)
+
+
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("changes", "error", "pattern"),
+    [
+        ({"targets": torch.full((N,), V)}, ValueError, r"targets must be in \[0, V=50\)"),
+        ({"targets": torch.full((N,), V + 10**6)}, ValueError, "targets"),
+        ({"targets": torch.full((N,), -3)}, ValueError, "ignore_index=-100; found -3"),
+        ({"hidden": torch.randn(N, H + 1)}, ValueError, "hidden's last dim must be H=16"),
+        ({"weight": torch.randn(V, H, 1)}, ValueError, r"weight must be \[V, H\]"),
+        ({"targets": torch.randint(0, V, (N + 1,))}, ValueError, "targets shape"),
+        ({"targets": torch.rand(N)}, TypeError, "targets must be an integer tensor"),
+        ({"targets": torch.ones(N, dtype=torch.bool)}, TypeError, "targets must be an integer"),
+        ({"hidden": torch.randint(0, 5, (N, H))}, TypeError, "hidden must be bf16"),
+        ({"weight": torch.randn(V, H, dtype=torch.bfloat16)}, TypeError, "weight dtype"),
+        ({"weight": torch.randn(V, H, device="meta")}, ValueError, "weight on meta"),
+        ({"targets": torch.zeros(N, dtype=torch.long, device="meta")}, ValueError,
+         "targets on meta"),
+        ({"bias": torch.randn(V + 1)}, ValueError, r"bias must be \[V=50\]"),
+        ({"bias": torch.randn(V, dtype=torch.float64)}, TypeError, "bias dtype"),
+        ({"bias": [0.0] * V}, TypeError, "bias must be a torch.Tensor"),
+        ({"hidden": [[0.0] * H] * N}, TypeError, "hidden must be a torch.Tensor"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"softcap": -1.0}, ValueError, "softcap"),
+        ({"softcap": float("inf")}, ValueError, "softcap"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ],
+)
+def test_rejected_with_a_clear_message(backend, changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(backend, **changes)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call("cuda")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        call("triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_rejects_fp64():
+    with pytest.raises(TypeError, match="fp64 needs 'torch'"):
+        call("triton", hidden=torch.randn(N, H, dtype=torch.float64),
+             weight=torch.randn(V, H, dtype=torch.float64))
+
+
+def test_ignore_index_is_not_range_checked():
+    """Ignored positions may hold any value, including ones far outside [0, V)."""
+    targets = torch.randint(0, V, (N,))
+    targets[::2] = -100
+    out = call(targets=targets)
+    assert torch.isfinite(out).all() and (out[::2] == 0).all() and (out[1::2] < 0).all()
+
+
+def test_empty_input():
+    out = call(hidden=torch.randn(0, H), targets=torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
