@@ -44,7 +44,7 @@ def extension_kwargs() -> dict:
         def run(self):
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
+            except Exception as exc:  # any compiler failure
                 print(f"mpo-fast: extension build failed ({exc}); using the torch fallback",
                       file=sys.stderr)
 

@@ -53,7 +53,7 @@ def run_and_compare(backend, device, dtype, lead=(37,), H=50, V=1003, bias=False
     tol = TOL[dtype]
     assert rel_err(out, ref) <= tol
     assert (out[targets == -100] == 0).all()
-    for name, leaf, r in zip(("hidden", "weight", "bias"), leaves, refs):
+    for name, leaf, r in zip(("hidden", "weight", "bias"), leaves, refs, strict=False):
         assert leaf.grad.dtype == leaf.dtype, name
         assert rel_err(leaf.grad, r.grad) <= tol, name
     return out
@@ -113,7 +113,7 @@ def test_custom_ignore_index_and_int32_targets(backend, device):
 
 @pytest.mark.parametrize(("backend", "device"), CASES)
 def test_non_contiguous_hidden(backend, device):
-    hidden, weight, _, targets = make_inputs((12,), 32, 200, torch.float32, device)
+    _, weight, _, targets = make_inputs((12,), 32, 200, torch.float32, device)
     strided = torch.randn(32, 12, device=device).T  # [12, 32] with stride (1, 12)
     strided.requires_grad_()
     out = mpo_fast.fused_logprobs(strided, weight, targets, backend=backend)
