@@ -1,0 +1,112 @@
+"""How the benchmarks measure: time, peak extra memory and the card's (or CPU's) matmul rate.
+
+- Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
+  the CPU (where the op is synchronous).
+- Peak extra memory: what the step allocates beyond its inputs (and the outputs/gradients it
+  leaves). CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the step.
+  CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus its
+  resident set before the step, measured on the *first* call in a fresh process (a warm
+  allocator cache would hide allocations). `run_isolated` gives every case its own process.
+- Matmul rate: a large square matmul in the benchmark's dtype on the same device, in the same
+  run, so "fraction of the card's rate" compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(step: Callable[[], object], device: torch.device, warmup: int = 1,
+            repeats: int = 3) -> float:
+    """Median milliseconds of `step()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by one call of `step` beyond what existed before it."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    before = _proc_status_kib("VmRSS")
+    step()
+    return max(0, _proc_status_kib("VmHWM") - before) * 1024
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Measured dense matmul rate (TFLOP/s) of this device in `dtype`, on random data."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=2, repeats=5 if device.type == "cuda" else 3)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def run_isolated(module: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run `python -m <module> '<spec json>'` in a fresh process; it prints one JSON result."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**spec, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -1,0 +1,54 @@
+"""Where results go and how they are written: markdown tables and CSV under
+bench/results/<device>-<date>/."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+
+
+def results_dir(device: torch.device, out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS / f"{device_slug(device)}-{datetime.date.today()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fmt(value, spec: str) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, float) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec) triples."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k), f) for k, _, f in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
