@@ -30,13 +30,19 @@ def extension_kwargs() -> dict:
     cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
     cu = sorted(glob.glob("csrc/*.cu")) if cuda else []
     cxx = ["-O3", "-std=c++17"] + (["-DMPO_FAST_WITH_CUDA"] if cu else [])
+    # at::parallel_for is header-inline OpenMP: without -fopenmp the CPU kernels run serially.
+    # libgomp.so.1 resolves to the copy torch has already loaded.
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += omp
     if cu:
         ext = ce.CUDAExtension(
             "mpo_fast._C", cpp + cu,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-DMPO_FAST_WITH_CUDA"]},
+            extra_link_args=omp,
         )
     else:
-        ext = ce.CppExtension("mpo_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = ce.CppExtension("mpo_fast._C", cpp, extra_compile_args={"cxx": cxx},
+                              extra_link_args=omp)
 
     class OptionalBuildExt(ce.BuildExtension):
         """A failed extension build must not fail the install: the package has fallbacks."""
