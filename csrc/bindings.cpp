@@ -25,7 +25,7 @@
 #include "planner.h"
 
 #ifdef MPO_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "pack_kernels.h"
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> seq_index(const at::Tensor& lengths, int64_t 
     check_launch(cuda::launch_seq_index(len.const_data_ptr(), is64, S, T, total,
                                         cu.mutable_data_ptr<int32_t>(),
                                         pos.mutable_data_ptr<int64_t>(),
-                                        at::cuda::getCurrentCUDAStream()),
+                                        c10::cuda::getCurrentCUDAStream()),
                  "seq_index");
     return {cu, pos};
   }
@@ -146,7 +146,7 @@ void run_pack(const at::Tensor& padded, const at::Tensor& cu, at::Tensor& out, i
     const c10::cuda::CUDAGuard guard(padded.device());
     check_launch(cuda::launch_pack(padded.const_data_ptr(), out.mutable_data_ptr(),
                                    cu.const_data_ptr<int32_t>(), S, T, total, row,
-                                   at::cuda::getCurrentCUDAStream()),
+                                   c10::cuda::getCurrentCUDAStream()),
                  "pack");
     return;
   }
@@ -169,7 +169,7 @@ void run_unpack(const at::Tensor& values, const at::Tensor& cu, at::Tensor& out)
     const c10::cuda::CUDAGuard guard(values.device());
     check_launch(cuda::launch_unpack(values.const_data_ptr(), out.mutable_data_ptr(),
                                      cu.const_data_ptr<int32_t>(), S, T, total, row,
-                                     at::cuda::getCurrentCUDAStream()),
+                                     c10::cuda::getCurrentCUDAStream()),
                  "unpack");
     return;
   }
@@ -300,7 +300,7 @@ at::Tensor shift_targets(const at::Tensor& tokens, const at::Tensor& cu_seqlens,
                                             mask.const_data_ptr<bool>(),
                                             cu.const_data_ptr<int32_t>(), S, N, ignore_index,
                                             out.mutable_data_ptr<int64_t>(),
-                                            at::cuda::getCurrentCUDAStream()),
+                                            c10::cuda::getCurrentCUDAStream()),
                  "shift_targets");
     return out;
   }
