@@ -12,10 +12,15 @@ namespace mpo_fast {
 namespace cpu {
 namespace {
 
-// Rows per parallel task: about 256 KiB of data, at least one row.
+// Rows per parallel task: about 512 KiB of data, at least one row. at::parallel_for stays on
+// the calling thread below one grain, so small batches never pay for waking the thread pool
+// (which costs milliseconds on a machine whose other cores are busy).
 int64_t grain_rows(int64_t row_bytes) {
-  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, row_bytes));
+  return std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, row_bytes));
 }
+
+// Tokens per parallel task for the per-token index work (positions, targets).
+constexpr int64_t kTokenGrain = int64_t{1} << 16;
 
 int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
@@ -38,19 +43,18 @@ void cu_seqlens(const L* lengths, int64_t S, int64_t T, int32_t* cu) {
   }
 }
 
+// cu is validated by the binding on the CPU (non-decreasing, cu[S] = N): token n is the last of
+// its sequence iff n + 1 is one of cu[1..S]. Each range of tokens walks the boundaries from the
+// first one above its start.
 template <typename Tok>
 void shift_targets_impl(const Tok* tokens, const bool* mask, const int32_t* cu, int64_t S,
                         int64_t N, int64_t ignore_index, int64_t* targets) {
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t start = seq_start(cu, s, N);
-      const int64_t len = std::min<int64_t>(std::max<int64_t>(cu[s + 1] - cu[s], 0), N - start);
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t n = start + i;
-        const bool has_next = i + 1 < len;
-        targets[n] = (has_next && mask[n + 1]) ? static_cast<int64_t>(tokens[n + 1])
-                                               : ignore_index;
-      }
+  at::parallel_for(0, N, kTokenGrain, [&](int64_t n0, int64_t n1) {
+    const int32_t* next_end = std::upper_bound(cu + 1, cu + S + 1, static_cast<int32_t>(n0));
+    for (int64_t n = n0; n < n1; ++n) {
+      while (next_end < cu + S && *next_end <= n) ++next_end;  // first boundary above n
+      const bool last = next_end == cu + S + 1 || *next_end == n + 1;
+      targets[n] = (!last && mask[n + 1]) ? static_cast<int64_t>(tokens[n + 1]) : ignore_index;
     }
   });
 }
@@ -64,7 +68,9 @@ void seq_index(const void* lengths, bool lengths_is_int64, int64_t S, int64_t T,
   } else {
     cu_seqlens(static_cast<const int32_t*>(lengths), S, T, cu);
   }
-  at::parallel_for(0, S, 16, [&](int64_t s0, int64_t s1) {
+  // Parallel over sequences only when there are enough tokens to pay for the threads.
+  const int64_t grain = total > kTokenGrain ? 1 : S + 1;
+  at::parallel_for(0, S, grain, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t start = seq_start(cu, s, total);
       const int64_t len = seq_len(cu, s, T, total);
@@ -124,10 +130,6 @@ void unpack(const void* packed, void* padded, const int32_t* cu, int64_t S, int6
 void shift_targets(const void* tokens, bool tokens_is_int64, const bool* completion_mask,
                    const int32_t* cu, int64_t S, int64_t N, int64_t ignore_index,
                    int64_t* targets) {
-  // Tokens after cu[S] (only possible with malformed input) still get a defined value.
-  for (int64_t n = std::min<int64_t>(std::max<int64_t>(cu[S], 0), N); n < N; ++n) {
-    targets[n] = ignore_index;
-  }
   if (tokens_is_int64) {
     shift_targets_impl(static_cast<const int64_t*>(tokens), completion_mask, cu, S, N,
                        ignore_index, targets);
