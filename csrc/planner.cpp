@@ -18,11 +18,16 @@ std::vector<std::vector<int64_t>> plan_pairs(const int64_t* sizes, int64_t n_pai
   if (max_tokens <= 0) {
     throw std::invalid_argument("max_tokens must be positive, got " + std::to_string(max_tokens));
   }
-  for (int64_t i = 0; i < n_pairs; ++i) {
-    if (sizes[i] < 0 || sizes[i] > max_tokens) {
-      throw std::invalid_argument("pair_tokens[" + std::to_string(i) + "] = " +
-                                  std::to_string(sizes[i]) + " is outside [0, max_tokens=" +
-                                  std::to_string(max_tokens) + "]");
+  for (int64_t i = 0; i < n_pairs; ++i) {  // messages as in mpo_fast.packing._plan_python
+    if (sizes[i] < 0) {
+      throw std::invalid_argument("pair_tokens must be >= 0, but pair_tokens[" +
+                                  std::to_string(i) + "] = " + std::to_string(sizes[i]));
+    }
+    if (sizes[i] > max_tokens) {
+      throw std::invalid_argument(
+          "pair " + std::to_string(i) + " has " + std::to_string(sizes[i]) +
+          " tokens, more than max_tokens=" + std::to_string(max_tokens) +
+          ": a pair is never split, so raise the budget or truncate that pair");
     }
   }
   std::vector<int64_t> order(static_cast<size_t>(n_pairs));

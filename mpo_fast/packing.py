@@ -301,23 +301,13 @@ def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     sizes = _as_pair_tokens(pair_tokens)
-    if sizes.numel():
-        low, high = sizes.min().item(), sizes.max().item()
-        if low < 0:
-            i = int((sizes < 0).nonzero()[0, 0])
-            raise ValueError(f"pair_tokens must be >= 0, but pair_tokens[{i}] = {int(sizes[i])}")
-        if high > max_tokens:
-            i = int((sizes > max_tokens).nonzero()[0, 0])
-            raise ValueError(
-                f"pair {i} has {int(sizes[i])} tokens, more than max_tokens={max_tokens}: "
-                "a pair is never split, so raise the budget or truncate that pair")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     choice = _FORCED if impl == "auto" else impl
     if choice == "extension" and _C is None:
         raise RuntimeError("impl='extension' but mpo_fast._C is not built")
     if choice != "torch" and _C is not None:
-        return _C.plan(sizes, max_tokens)
+        return _C.plan(sizes, max_tokens)  # checks the sizes itself, same messages
     return _plan_python(sizes.tolist(), max_tokens)
 
 
@@ -578,7 +568,13 @@ def _shift_targets_torch(tokens, cu, mask, ignore_index: int) -> torch.Tensor:
 
 
 def _plan_python(sizes: list[int], max_tokens: int) -> list[list[int]]:
-    """The reference planner: the same algorithm and tie-breaks as csrc/planner.cpp."""
+    """The reference planner: the same checks, algorithm and tie-breaks as csrc/planner.cpp."""
+    for i, size in enumerate(sizes):
+        if size < 0:
+            raise ValueError(f"pair_tokens must be >= 0, but pair_tokens[{i}] = {size}")
+        if size > max_tokens:
+            raise ValueError(f"pair {i} has {size} tokens, more than max_tokens={max_tokens}: "
+                             "a pair is never split, so raise the budget or truncate that pair")
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # stable: ties by index
     bins: list[list[int]] = []
     open_bins: list[tuple[int, int]] = []  # sorted (room left, bin id)

@@ -276,11 +276,12 @@ def test_plan_padding_under_five_percent():
     assert padding < 0.05, padding
 
 
-def test_plan_bad_inputs():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plan_bad_inputs(impl):
     with pytest.raises(ValueError, match=r"pair 2 has 11 tokens, more than max_tokens=10"):
-        packing.plan([3, 4, 11, 2], 10)
-    with pytest.raises(ValueError, match=r"pair_tokens\[1\] = -1"):
-        packing.plan([3, -1], 10)
+        packing.plan([3, 4, 11, 2], 10, impl=impl)
+    with pytest.raises(ValueError, match=r"pair_tokens must be >= 0, but pair_tokens\[1\] = -1"):
+        packing.plan([3, -1], 10, impl=impl)
     with pytest.raises(ValueError, match="max_tokens must be positive"):
         packing.plan([3], 0)
     with pytest.raises(TypeError, match="max_tokens must be an int"):
