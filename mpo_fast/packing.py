@@ -561,7 +561,7 @@ def _shift_targets_torch(tokens, cu, mask, ignore_index: int) -> torch.Tensor:
     targets = torch.full((N,), ignore_index, dtype=torch.int64, device=tokens.device)
     if N > 1:
         starts = torch.zeros(N + 1, dtype=torch.bool, device=tokens.device)
-        starts[cu.long()] = True  # starts[n + 1]: token n is the last of its sequence
+        starts.index_fill_(0, cu.long(), True)  # starts[n + 1]: n is the last of its sequence
         keep = mask[1:] & ~starts[1:N]
         targets[:-1] = torch.where(keep, tokens[1:].long(), ignore_index)
     return targets
