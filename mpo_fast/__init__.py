@@ -1,6 +1,13 @@
-"""mpo-fast: Mixed Preference Optimization with fused, memory-lean log-prob kernels."""
+"""mpo-fast: Mixed Preference Optimization with fused, memory-lean log-prob kernels.
+
+    fused_logprobs   per-token log p(target) from hidden states and the LM head, no logits
+    MPOLoss          DPO + BCO + SFT (and every other preference loss) from hidden states
+    preference_loss  the same losses on sequence log-probs (functional core)
+"""
 
 from .logprobs import fused_logprobs
+from .losses import LOSS_TYPES, preference_loss
+from .mpo import MPOLoss, MPOOutput
 
 __version__ = "0.1.0"
-__all__ = ["fused_logprobs"]
+__all__ = ["LOSS_TYPES", "MPOLoss", "MPOOutput", "fused_logprobs", "preference_loss"]

@@ -1,0 +1,231 @@
+"""The preference-loss table and the functional core `preference_loss`, on sequence log-probs.
+
+Notation (DESIGN.md §3.3): c, r = summed completion log-probs of chosen / rejected under the
+policy, c0, r0 the same under the reference, L_c, L_r their completion token counts,
+zc = c - c0, zr = r - r0, D = zc - zr, s = sigmoid, ls = logsigmoid, e = label_smoothing.
+Each loss below is per pair; the total is sum_k w_k * mean_over_pairs(loss_k) ("sft" is
+already one scalar, a token mean).
+
+This is the torch implementation (differentiable by autograd). `mpo_fast.kernels.
+loss_epilogue` holds the same math in closed form for the fused CUDA epilogue; the tests hold
+the two to each other and to a float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ls = F.logsigmoid
+
+# ORPO takes log(1 - exp(a)) of an average log-prob a <= 0: a is capped here so a completion
+# with probability 1 (a = 0) gives a finite loss (the cap also stops its gradient).
+ORPO_MAX_AVG_LOGP = -1e-6
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Per-pair inputs of the loss table ([B] tensors) and the hyper-parameters."""
+
+    c: torch.Tensor
+    r: torch.Tensor
+    c0: torch.Tensor
+    r0: torch.Tensor
+    len_c: torch.Tensor  # completion token counts, clamped to >= 1
+    len_r: torch.Tensor
+    beta: float
+    e: float  # label smoothing
+    delta: torch.Tensor | float  # BCO reward shift
+    tau: float  # discopop temperature
+
+    @property
+    def zc(self):
+        return self.c - self.c0
+
+    @property
+    def zr(self):
+        return self.r - self.r0
+
+    @property
+    def u(self):
+        return self.beta * (self.zc - self.zr)
+
+
+def _smoothed_sigmoid(x, e):
+    return -(1 - e) * ls(x) - e * ls(-x)
+
+
+def _sorted_diff(a, b):
+    return torch.sort(a).values - torch.sort(b).values
+
+
+def _orpo(p: Pairs):
+    a = (p.c / p.len_c).clamp(max=ORPO_MAX_AVG_LOGP)
+    b = (p.r / p.len_r).clamp(max=ORPO_MAX_AVG_LOGP)
+    log_odds = (a - b) - (torch.log(-torch.expm1(a)) - torch.log(-torch.expm1(b)))
+    return -p.beta * ls(log_odds)
+
+
+def _discopop(p: Pairs):
+    u = p.u
+    m = torch.sigmoid(u / p.tau)
+    # m * exp(-u) as exp(ls(u / tau) - u): no inf * 0 when u is very negative
+    return (1 - m) * -ls(u) + torch.exp(ls(u / p.tau) - u)
+
+
+# loss_type -> per-pair loss. "sft" is handled apart: it is a token mean, not per pair.
+LOSSES = {
+    "sigmoid": lambda p: _smoothed_sigmoid(p.u, p.e),
+    "hinge": lambda p: torch.relu(1 - p.u),
+    "ipo": lambda p: (p.zc / p.len_c - p.zr / p.len_r - 1 / (2 * p.beta)) ** 2,
+    "robust": lambda p: (-(1 - p.e) * ls(p.u) + p.e * ls(-p.u)) / (1 - 2 * p.e),
+    "bco_pair": lambda p: -ls(p.beta * p.zc - p.delta) - ls(-(p.beta * p.zr - p.delta)),
+    "sppo_hard": lambda p: (p.zc - 1 / (2 * p.beta)) ** 2 + (p.zr + 1 / (2 * p.beta)) ** 2,
+    "nca_pair": lambda p: (-ls(p.beta * p.zc) - 0.5 * ls(-p.beta * p.zc)
+                           - 0.5 * ls(-p.beta * p.zr)),
+    "aot": lambda p: _smoothed_sigmoid(p.beta * _sorted_diff(p.c - p.r, p.c0 - p.r0), p.e),
+    "aot_pair": lambda p: _smoothed_sigmoid(p.beta * _sorted_diff(p.zc, p.zr), p.e),
+    "exo_pair": lambda p: (torch.sigmoid(p.u) * (ls(p.u) - math.log1p(-p.e))
+                           + torch.sigmoid(-p.u) * (ls(-p.u) - math.log(p.e))),
+    "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.zc) + torch.sigmoid(p.beta * p.zr),
+    "apo_down": lambda p: torch.sigmoid(p.beta * p.zc) + 1 - torch.sigmoid(p.u),
+    "discopop": _discopop,
+    "orpo": _orpo,
+}
+LOSS_TYPES = (*LOSSES, "sft")
+NO_REFERENCE = frozenset({"orpo", "sft"})  # the only types that need no reference log-probs
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "nll_loss", "bco/delta")
+
+
+def check_loss_config(loss_types: Sequence[str], loss_weights: Sequence[float] | None,
+                      beta: float, label_smoothing: float) -> tuple[tuple, tuple]:
+    """Validated (loss_types, loss_weights); weights default to 1.0 each."""
+    if isinstance(loss_types, str):
+        loss_types = (loss_types,)
+    loss_types = tuple(loss_types)
+    if not loss_types:
+        raise ValueError("loss_types must name at least one loss")
+    unknown = [t for t in loss_types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"unknown loss_types {unknown}; choose from {list(LOSS_TYPES)}")
+    if len(set(loss_types)) != len(loss_types):
+        raise ValueError(f"loss_types has duplicates: {list(loss_types)}")
+    weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(map(float, loss_weights))
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} "
+                         f"loss_types {list(loss_types)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if "robust" in loss_types and not label_smoothing < 0.5:
+        raise ValueError(f"robust needs label_smoothing < 0.5, got {label_smoothing}")
+    if "exo_pair" in loss_types and not label_smoothing > 0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing))")
+    return loss_types, weights
+
+
+def update_bco_state(state: torch.Tensor, rewards_mean: torch.Tensor) -> torch.Tensor:
+    """Fold this call's mean reward into the running mean; returns the updated mean (delta).
+
+    `state` is a float64 [2] tensor (mean, count), updated in place. Under torch.distributed
+    the per-rank means are all-reduced (sum and count), so every rank gets the same delta,
+    equal to what one process seeing every rank's batch would get.
+    """
+    stats = torch.stack([rewards_mean.detach().to(state), torch.ones((), dtype=state.dtype,
+                                                                      device=state.device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    total, count = stats[0], stats[1]
+    new_count = state[1] + count
+    state[0] += (total / count - state[0]) * count / new_count
+    state[1] = new_count
+    return state[0].clone()
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    loss_types: Sequence[str] = ("sigmoid", "bco_pair", "sft"),
+    loss_weights: Sequence[float] | None = (0.8, 0.2, 1.0),
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    sft_loss: torch.Tensor | None = None,
+    bco_state: torch.Tensor | None = None,
+    discopop_tau: float = 0.05,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MPO-style combined loss on sequence log-probs (the functional core of `MPOLoss`).
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` summed completion log-probs under the policy.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the reference model;
+            required unless every loss type is "orpo"/"sft".
+        loss_types, loss_weights: ``L = sum_k w_k * mean_i loss_k(pair i)``.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (ipo, orpo use them;
+            "sft" without ``sft_loss`` is ``-sum(chosen_logps) / sum(chosen_lengths)``).
+        sft_loss: the SFT term if computed elsewhere (a token-mean NLL, scalar).
+        bco_state: float64 ``[2]`` (running mean, count) updated in place for "bco_pair"'s
+            reward shift; None means delta = 0.
+
+    Returns:
+        (loss, metrics): the scalar loss and TRL-named metrics as detached 0-dim tensors.
+    """
+    loss_types, weights = check_loss_config(loss_types, loss_weights, beta, label_smoothing)
+    c, r = chosen_logps, rejected_logps
+    if c.dim() != 1 or c.shape != r.shape:
+        raise ValueError(f"chosen_logps and rejected_logps must both be [B], got "
+                         f"{tuple(c.shape)} and {tuple(r.shape)}")
+    needs_ref = not set(loss_types) <= NO_REFERENCE
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        if needs_ref:
+            raise ValueError(f"loss_types {list(loss_types)} need ref_chosen_logps and "
+                             "ref_rejected_logps")
+        c0 = r0 = torch.zeros_like(c)
+    else:
+        c0, r0 = ref_chosen_logps.to(c), ref_rejected_logps.to(c)
+        if c0.shape != c.shape or r0.shape != c.shape:
+            raise ValueError("reference log-probs must have the policy's shape [B]")
+    ones = torch.ones_like(c)
+    len_c = ones if chosen_lengths is None else chosen_lengths.to(c).clamp(min=1)
+    len_r = ones if rejected_lengths is None else rejected_lengths.to(c).clamp(min=1)
+    for needer in ("ipo", "orpo"):
+        if needer in loss_types and (chosen_lengths is None or rejected_lengths is None):
+            raise ValueError(f"{needer} needs chosen_lengths and rejected_lengths")
+
+    zc, zr = (c - c0).detach(), (r - r0).detach()
+    delta = torch.zeros((), dtype=c.dtype, device=c.device)
+    if bco_state is not None:
+        delta = update_bco_state(bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
+    if sft_loss is None:
+        if "sft" in loss_types and chosen_lengths is None:
+            raise ValueError("sft needs sft_loss or chosen_lengths")
+        tokens = chosen_lengths.to(c).sum() if chosen_lengths is not None else c.new_tensor(len(c))
+        sft_loss = -c.sum() / tokens.clamp(min=1)
+
+    pairs = Pairs(c, r, c0, r0, len_c, len_r, beta, label_smoothing, delta, discopop_tau)
+    metrics = {
+        "rewards/chosen": (beta * zc).mean(),
+        "rewards/rejected": (beta * zr).mean(),
+        "rewards/accuracies": (zc > zr).to(c.dtype).mean(),
+        "rewards/margins": (beta * (zc - zr)).mean(),
+        "logps/chosen": c.detach().mean(),
+        "logps/rejected": r.detach().mean(),
+        "nll_loss": sft_loss.detach(),
+        "bco/delta": delta,
+    }
+    loss = torch.zeros((), dtype=c.dtype, device=c.device)
+    for name, w in zip(loss_types, weights, strict=True):
+        term = sft_loss if name == "sft" else LOSSES[name](pairs).mean()
+        metrics[f"loss/{name}"] = term.detach()
+        loss = loss + w * term
+    return loss, metrics
