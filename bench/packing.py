@@ -25,9 +25,9 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -69,12 +69,15 @@ def planner_report(n_pairs: int, n_ref: int, gen: torch.Generator) -> str:
     pair_tokens = 2 * prompt + chosen + rejected
     real = int(pair_tokens.sum())
     rows = []
-    for B in BATCH_PAIRS:
+    seq_max = torch.maximum(prompt + chosen, prompt + rejected)
+    by_length = torch.argsort(seq_max)
+    for B, order, name in [(B, None, "data order") for B in BATCH_PAIRS] + [
+            (8, by_length, "sorted by length, the best a padded batch can do")]:
         usable = n_pairs // B * B
-        longest = torch.maximum(prompt + chosen, prompt + rejected)[:usable].view(-1, B)
-        padded = int(longest.max(1).values.sum()) * 2 * B
-        used = int(pair_tokens[:usable].sum())
-        rows.append({"layout": f"padded, {B} pairs per micro-batch (data order)",
+        idx = torch.arange(usable) if order is None else order[:usable]
+        padded = int(seq_max[idx].view(-1, B).max(1).values.sum()) * 2 * B
+        used = int(pair_tokens[idx].sum())
+        rows.append({"layout": f"padded, {B} pairs per micro-batch ({name})",
                      "micro": usable // B, "pad": 100 * (1 - used / padded)})
     for budget in BUDGETS:
         t0 = time.perf_counter()
@@ -108,20 +111,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_ms(steps: dict[str, Callable[[], object]], device: torch.device,
-                   repeats: int) -> dict[str, float]:
-    """Median ms of each step, the steps taking turns (a noisy, shared machine drifts alike)."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
+def interleaved_ms(steps: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """Median wall ms and median kernel (system) CPU ms of each step, the steps taking turns
+    (a noisy, shared machine drifts alike for all). System time is where the OS zero-fills the
+    pages of fresh allocations."""
+    times: dict = {k: [] for k in steps}
+    system: dict = {k: [] for k in steps}
     for step in steps.values():  # warm-up
         step()
     for _ in range(repeats):
         for name, step in steps.items():
             sync(device)
+            s0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
             t0 = time.perf_counter()
             step()
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+            system[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0) * 1e3)
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: statistics.median(v) for k, v in system.items()})
 
 
 def case_lengths(S: int, T: int, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -169,7 +177,7 @@ def speed_case(S, T, H, dtype, kind, device, repeats, gen) -> tuple[list[dict], 
     steps[("torch bool-mask idiom", "fresh")] = bool_mask
     src, dst = torch.empty_like(x), torch.empty_like(x)
     steps[("copy_", "")] = lambda: dst.copy_(src)  # the machine's copy rate
-    ms = interleaved_ms(steps, device, repeats)
+    ms, sys_ms = interleaved_ms(steps, device, repeats)
     copy_gbs = 2 * x.numel() * x.element_size() / ms[("copy_", "")] / 1e6
     for impl in impls:  # both implementations must agree bit for bit
         pk, up = buffers[impl]
@@ -180,7 +188,7 @@ def speed_case(S, T, H, dtype, kind, device, repeats, gen) -> tuple[list[dict], 
         for impl in impls + (["torch bool-mask idiom"] if mode == "fresh" else []):
             t = ms[(impl, mode)]
             rows.append({"case": f"{S}x{T}x{H} {str(dtype).split('.')[-1]}, {kind} lengths",
-                         "N": N, "impl": impl, "mode": mode, "ms": t,
+                         "N": N, "impl": impl, "mode": mode, "ms": t, "sys": sys_ms[(impl, mode)],
                          "gbs": moved / t / 1e6, "copy": 100 * moved / t / 1e6 / copy_gbs,
                          "speedup": base / t})
     return rows, {"copy_gbs": copy_gbs}
@@ -196,7 +204,8 @@ def speed_report(device: torch.device, quick: bool, gen: torch.Generator) -> str
         copy.append(info["copy_gbs"])
     table = markdown_table(rows, [
         ("case", "case", ""), ("N", "N tokens", ""), ("impl", "impl", ""), ("mode", "outputs", ""),
-        ("ms", "pack+unpack ms", ".1f"), ("gbs", "GB/s moved", ".1f"),
+        ("ms", "pack+unpack ms", ".1f"), ("sys", "of which OS CPU ms", ".0f"),
+        ("gbs", "GB/s moved", ".1f"),
         ("copy", "% of copy_ rate", ".0f"), ("speedup", "speedup vs torch", ".2f")])
     return (f"{table}\n\nCopy rate (`dst.copy_(src)` on warm buffers of the padded size, read + "
             f"write): {', '.join(f'{c:.1f}' for c in copy)} GB/s. Median of {repeats} "
