@@ -210,6 +210,10 @@ def _boundaries(position_ids, B: int, L: int, device) -> tuple[torch.Tensor, int
     if position_ids is None:
         cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
         return cu, L
+    if position_ids.dim() != 2:
+        raise ValueError(f"{ATTENTION_NAME}: multi-axis position_ids (shape "
+                         f"{tuple(position_ids.shape)}, e.g. M-RoPE) do not mark sequence "
+                         "boundaries; pass cu_seq_lens_q (attention.model_inputs does)")
     pos = position_ids.expand(B, L).reshape(-1)
     start = torch.ones_like(pos, dtype=torch.bool)
     start[1:] = pos[1:] != pos[:-1] + 1
