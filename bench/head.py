@@ -20,7 +20,7 @@ import sys
 import torch
 
 import mpo_fast
-from bench.measure import matmul_tflops, out_of_memory, peak_extra_bytes, time_ms
+from bench.measure import measure_case
 
 IMPLS = ("naive", "fused-torch", "fused-triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,23 +76,9 @@ def run_case(spec: dict) -> dict:
     if why:
         return {**spec, "skipped": why}
     N, H, V = spec["N"], spec["H"], spec["V"]
-    dtype = DTYPES[spec["dtype"]]
-    inputs = make_inputs(N, H, V, dtype, device)
-    step = step_fn(spec["impl"], spec["mode"], *inputs)
-    try:
-        if device.type == "cuda":
-            step()  # compile and autotune outside the measurement
-        peak = peak_extra_bytes(step, device)
-        ms = time_ms(step, device, warmup=spec.get("warmup", 1), repeats=spec.get("repeats", 3))
-    except Exception as exc:
-        if not out_of_memory(exc):
-            raise
-        return {**spec, "error": "out of memory"}
+    inputs = make_inputs(N, H, V, DTYPES[spec["dtype"]], device)
     flops = (2 if spec["mode"] == "fwd" else 8) * N * H * V
-    result = {**spec, "ms": ms, "peak_mib": peak / 2**20, "tflops": flops / (ms * 1e-3) / 1e12}
-    if spec.get("with_matmul_rate"):
-        result["matmul_tflops"] = matmul_tflops(device, dtype)
-    return result
+    return measure_case(spec, step_fn(spec["impl"], spec["mode"], *inputs), flops)
 
 
 if __name__ == "__main__":

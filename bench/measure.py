@@ -3,10 +3,12 @@
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
   the CPU (where the op is synchronous).
 - Peak extra memory: what the step allocates beyond its inputs (and the outputs/gradients it
-  leaves). CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the step.
+  leaves), measured after one warm-up step (compilation and autotuning stay out).
+  CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the step.
   CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus its
-  resident set before the step, measured on the *first* call in a fresh process (a warm
-  allocator cache would hide allocations). `run_isolated` gives every case its own process.
+  resident set before the step. `run_isolated` gives every case its own process with glibc's
+  mmap threshold pinned at 128 KiB, so freed buffers go back to the OS and a warm heap cannot
+  hide an allocation.
 - Matmul rate: a large square matmul in the benchmark's dtype on the same device, in the same
   run, so "fraction of the card's rate" compares like with like.
 """
@@ -99,8 +101,9 @@ def device_name(device: torch.device) -> str:
 
 def run_isolated(module: str, spec: dict, timeout: float = 3600) -> dict:
     """Run `python -m <module> '<spec json>'` in a fresh process; it prints one JSON result."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, env=os.environ.copy())
+                          text=True, timeout=timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -110,3 +113,20 @@ def run_isolated(module: str, spec: dict, timeout: float = 3600) -> dict:
 
 def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure_case(spec: dict, step: Callable[[], object], flops: float) -> dict:
+    """Peak extra memory, median ms and TFLOP/s of `step` (the spec's "device", "warmup",
+    "repeats"); one step runs first so compilation and autotuning stay out."""
+    device = torch.device(spec["device"])
+    try:
+        step()
+        peak = peak_extra_bytes(step, device)
+        ms = time_ms(step, device, warmup=spec.get("warmup", 0), repeats=spec.get("repeats", 3))
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**spec, "error": "out of memory"}
+    return {**spec, "ms": ms, "peak_mib": peak / 2**20, "tflops": flops / (ms * 1e-3) / 1e12}

@@ -67,7 +67,7 @@ def _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap):
     else:
         a = hc @ wc.T
     if softcap is None:
-        return a.mul_(inv_temp), None, wc
+        return (a if inv_temp == 1.0 else a.mul_(inv_temp)), None, wc
     t = a.div_(softcap).tanh_()
     return t * (softcap * inv_temp), t, wc
 
@@ -127,7 +127,8 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, 
                             torch.where(inside, g, 0.0)[:, None])
             if t is not None:
                 da.mul_(t.square_().neg_().add_(1.0))
-            da.mul_(inv_temp)
+            if inv_temp != 1.0:
+                da.mul_(inv_temp)
             if need_h:
                 gh.index_add_(0, r, da @ wc)
             if need_w:
