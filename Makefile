@@ -2,8 +2,10 @@
 # Both set up what they need first (CPU torch 2.13 when no torch is installed).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
+# the peers the benchmarks compare against (TRL's trainer needs datasets and pandas)
+PEERS := liger-kernel trl datasets pandas cut-cross-entropy
 
-.PHONY: setup test demo bench lint
+.PHONY: setup peers test demo bench lint
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
@@ -11,13 +13,17 @@ setup:
 		pytest pytest-benchmark "transformers>=4.45" ruff
 	$(PIP) --no-build-isolation -e .
 
+peers: setup
+	$(PIP) $(PEERS)
+
 test: setup
 	$(PYTHON) -m pytest -q
 
-demo: setup
-	$(PYTHON) -m mpo_fast.cli demo
+# The MPO loss head on its default shape, mpo-fast against the naive way and the peers.
+demo: peers
+	$(PYTHON) -m bench mpo --quick
 
-bench: setup
+bench: peers
 	$(PYTHON) -m bench
 
 lint:

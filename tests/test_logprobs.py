@@ -239,3 +239,27 @@ def test_vocab_times_hidden_beyond_int32():
     grad_h += g.double()[:, None] * weight[targets].double()
     assert rel_err(out, zy - lse) <= 1e-2
     assert rel_err(hidden.grad, grad_h) <= 1e-2
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="Triton addressing check needs CUDA")
+def test_triton_vocab_times_hidden_beyond_int32_cuda():
+    """The kernels' row * stride offsets are int64: rows past element 2^31 of weight."""
+    H, V = 128, 2**24 + 5
+    assert V * H > 2**31
+    weight = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) * 0.3).requires_grad_()
+    hidden = torch.randn(8, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.tensor([V - 1, V - 2, 2**31 // H + 1, 5, V - 3, 0, V // 2, 2**31 // H],
+                           device="cuda")
+    g = torch.randn(8, device="cuda")
+    out = mpo_fast.fused_logprobs(hidden, weight, targets, backend="triton")
+    (out * g).sum().backward()
+    ref = mpo_fast.fused_logprobs(hidden.detach(), weight.detach(), targets, backend="torch")
+    assert rel_err(out, ref) <= 1e-3
+    rows = targets.unique()
+    h = leaf64(hidden)
+    w_rows = weight.detach()[rows].double()
+    lse = torch.logsumexp(h.detach() @ weight.detach().double().T, dim=1)  # [8, V] fp64: 1 GiB
+    p = torch.exp(h.detach() @ w_rows.T - lse[:, None])
+    onehot = (targets[:, None] == rows[None, :]).double()
+    grad_rows = ((onehot - p) * g.double()[:, None]).T @ h.detach()
+    assert rel_err(weight.grad[rows], grad_rows) <= 1e-2
