@@ -67,10 +67,8 @@ def _logprob_bwd_kernel(
     offs_v = v_begin + slab_v
     v_mask = slab_v < v_count
 
-    a = logits_tile(H_ptr, rows, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, Hdim,
-                    BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
-    if HAS_BIAS:
-        a += tl.load(B_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    a = logits_tile(H_ptr, rows, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, B_ptr,
+                    Hdim, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
     if HAS_SOFTCAP:
         t = tanh(a / softcap)
         z = softcap * t * inv_temp

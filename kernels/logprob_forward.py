@@ -57,10 +57,8 @@ def _logprob_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         v_mask = offs_v < v_end
-        z = logits_tile(H_ptr, rows, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, Hdim,
-                        BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(B_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        z = logits_tile(H_ptr, rows, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, B_ptr,
+                        Hdim, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
         if HAS_SOFTCAP:
             z = softcap * tanh(z / softcap)
         z = tl.where(v_mask[None, :], z * inv_temp, float("-inf"))

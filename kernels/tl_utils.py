@@ -63,11 +63,12 @@ def tanh(x):
 def logits_tile(
     h_ptr, rows, row_mask, stride_h,
     w_ptr, offs_v, v_mask, stride_w,
-    Hdim,
+    b_ptr, Hdim,
+    HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """acc[BLOCK_N, BLOCK_V] = hidden[rows, :] @ weight[offs_v, :].T, accumulated in fp32.
+    """acc[BLOCK_N, BLOCK_V] = hidden[rows, :] @ weight[offs_v, :].T (+ bias[offs_v]), in fp32.
 
     `rows` and `offs_v` are int64, so row * stride never wraps at 2^31 elements.
     """
@@ -84,4 +85,6 @@ def logits_tile(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     return acc
