@@ -14,11 +14,11 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions, not interpreted ones
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from mpo_fast.kernels import logprob_backward, logprob_forward, loss_epilogue  # noqa: E402
+from mpo_fast.kernels import logprob_backward, logprob_forward, loss_epilogue
 
 TARGET = GPUTarget("cuda", 90, 32)
 
