@@ -119,7 +119,7 @@ class Epilogue(torch.autograd.Function):
             loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, bco_state)
         else:
             loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, bco_state)
-        ctx.segs = segs
+        ctx.segs, ctx.use_triton = segs, use_triton
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(metrics)
         return loss, seq, metrics
@@ -131,7 +131,7 @@ class Epilogue(torch.autograd.Function):
         per_seq = coef * grad_loss
         if grad_seq is not None:
             per_seq = per_seq + grad_seq
-        if per_seq.dtype == torch.float32 and per_seq.is_cuda:
+        if ctx.use_triton:
             from .kernels.loss_epilogue import broadcast
 
             grad = broadcast(per_seq.contiguous(), ctx.segs.cu_seqlens, ctx.segs.num_tokens)
