@@ -24,13 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-# Bit k of TYPES selects mpo_fast.losses.LOSS_TYPES[k]; keep the two lists in this order.
-TYPE_BITS = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot",
-             "aot_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "orpo", "sft")
+from ..losses import LOSS_TYPES, METRIC_NAMES, ORPO_MAX_AVG_LOGP
+
+# Bit k of TYPES selects LOSS_TYPES[k]; the metrics vector is METRIC_NAMES (stored in that
+# order below), then one "loss/<type>" per LOSS_TYPES entry.
+TYPE_BITS = LOSS_TYPES
+# _pair_terms_kernel tests these bit positions by number: a reordered table must fail here.
+assert TYPE_BITS == ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
+                     "aot", "aot_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "orpo",
+                     "sft"), TYPE_BITS
 UNSUPPORTED = frozenset({"aot", "aot_pair"})  # need a batch sort: the torch path does them
-NUM_METRICS = 8  # mpo_fast.losses.METRIC_NAMES, then one "loss/<type>" per TYPE_BITS entry
+NUM_METRICS = len(METRIC_NAMES)
 MAX_PAIRS = 8192
-ORPO_MAX_AVG_LOGP = -1e-6  # == mpo_fast.losses.ORPO_MAX_AVG_LOGP
 TOKEN_BLOCK = 1024  # tokens per step in the segment kernels: one coalesced fp32 vector
 
 
@@ -95,18 +100,18 @@ def _expm1(x):
 
 
 @triton.jit
-def _add_term(k: tl.constexpr, loss, dzc, dzr, m, W, Metrics, inv_b, total, gc, gr):
+def _add_term(k: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, gc, gr):
     """Record term k's mean, add w_k * mean to the total, w_k / B * d/dz to the coefficients."""
     term = tl.sum(tl.where(m, loss, 0.0), axis=0) * inv_b
     w = tl.load(W + k)
-    tl.store(Metrics + 8 + k, term)
+    tl.store(TermMetrics + k, term)
     return total + w * term, gc + w * inv_b * dzc, gr + w * inv_b * dzr
 
 
 @triton.jit
 def _pair_terms_kernel(
-    Seq, Ref, Count, Delta, W, Loss, Metrics, Coef,
-    B, beta, e, tau,
+    Seq, Ref, Count, Delta, W, Loss, Metrics, TermMetrics, Coef,
+    B, beta, e, tau, orpo_cap,
     TYPES: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     i = tl.arange(0, BLOCK_B)
@@ -131,36 +136,36 @@ def _pair_terms_kernel(
     if (TYPES >> 0) & 1:  # sigmoid: -(1-e) ls(u) - e ls(-u)
         du = -(1.0 - e) * _sig(-u) + e * _sig(u)
         total, gc, gr = _add_term(0, -(1.0 - e) * _ls(u) - e * _ls(-u), beta * du, -beta * du,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 1) & 1:  # hinge: relu(1 - u)
         du = tl.where(u < 1.0, -1.0, 0.0)
         total, gc, gr = _add_term(1, tl.maximum(1.0 - u, 0.0), beta * du, -beta * du,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 2) & 1:  # ipo: x^2, x = zc/L_c - zr/L_r - 1/(2 beta)
         x = zc / lc - zr / lr - half_inv_beta
         total, gc, gr = _add_term(2, x * x, 2.0 * x / lc, -2.0 * x / lr,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 3) & 1:  # robust: (-(1-e) ls(u) + e ls(-u)) / (1 - 2e)
         du = (-(1.0 - e) * _sig(-u) - e * _sig(u)) / (1.0 - 2.0 * e)
         loss = (-(1.0 - e) * _ls(u) + e * _ls(-u)) / (1.0 - 2.0 * e)
         total, gc, gr = _add_term(3, loss, beta * du, -beta * du,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 4) & 1:  # bco_pair: -ls(a) - ls(-b), a = beta zc - delta, b = beta zr - delta
         a = beta * zc - delta
         b = beta * zr - delta
         total, gc, gr = _add_term(4, -_ls(a) - _ls(-b), -beta * _sig(-a), beta * _sig(b),
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 5) & 1:  # sppo_hard: (zc - h)^2 + (zr + h)^2, h = 1/(2 beta)
         xc = zc - half_inv_beta
         xr = zr + half_inv_beta
         total, gc, gr = _add_term(5, xc * xc + xr * xr, 2.0 * xc, 2.0 * xr,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 6) & 1:  # nca_pair: -ls(a) - ls(-a)/2 - ls(-b)/2, a = beta zc, b = beta zr
         a = beta * zc
         b = beta * zr
         loss = -_ls(a) - 0.5 * _ls(-a) - 0.5 * _ls(-b)
         total, gc, gr = _add_term(6, loss, beta * (0.5 * _sig(a) - _sig(-a)), 0.5 * beta * _sig(b),
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 9) & 1:  # exo_pair: s(u)(ls(u) - log(1-e)) + s(-u)(ls(-u) - log e)
         # d/du = s(u) s(-u) (u - log(1-e) + log e)
         log_1me = tl.log(1.0 - e)
@@ -168,17 +173,17 @@ def _pair_terms_kernel(
         loss = _sig(u) * (_ls(u) - log_1me) + _sig(-u) * (_ls(-u) - log_e)
         du = _sig(u) * _sig(-u) * (u - log_1me + log_e)
         total, gc, gr = _add_term(9, loss, beta * du, -beta * du,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 10) & 1:  # apo_zero: 1 - s(beta zc) + s(beta zr)
         sa = _sig(beta * zc)
         sb = _sig(beta * zr)
         total, gc, gr = _add_term(10, 1.0 - sa + sb, -beta * sa * (1.0 - sa),
-                                  beta * sb * (1.0 - sb), m, W, Metrics, inv_b, total, gc, gr)
+                                  beta * sb * (1.0 - sb), m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 11) & 1:  # apo_down: s(beta zc) + 1 - s(u)
         sa = _sig(beta * zc)
         su = _sig(u)
         total, gc, gr = _add_term(11, sa + 1.0 - su, beta * (sa * (1.0 - sa) - su * (1.0 - su)),
-                                  beta * su * (1.0 - su), m, W, Metrics, inv_b, total, gc, gr)
+                                  beta * su * (1.0 - su), m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 12) & 1:  # discopop: (1 - mu) (-ls(u)) + mu exp(-u), mu = s(u / tau)
         # d/du = mu (1-mu)/tau ls(u) - (1-mu) s(-u) + mu exp(-u) ((1-mu)/tau - 1)
         mu = _sig(u / tau)
@@ -186,28 +191,28 @@ def _pair_terms_kernel(
         loss = (1.0 - mu) * -_ls(u) + mexp
         du = mu * (1.0 - mu) / tau * _ls(u) - (1.0 - mu) * _sig(-u) + mexp * ((1.0 - mu) / tau - 1.0)
         total, gc, gr = _add_term(12, loss, beta * du, -beta * du,
-                                  m, W, Metrics, inv_b, total, gc, gr)
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
     if (TYPES >> 13) & 1:  # orpo: -beta ls(lo), lo = a - b - log(-expm1 a) + log(-expm1 b)
-        # a = c/L_c and b = r/L_r capped at ORPO_MAX_AVG_LOGP (no gradient past the cap);
+        # a = c/L_c and b = r/L_r capped at orpo_cap (no gradient past the cap);
         # d lo/da = -1/expm1(a), d lo/db = 1/expm1(b)
         a_raw = c / lc
         b_raw = r / lr
-        a = tl.minimum(a_raw, -1e-6)
-        b = tl.minimum(b_raw, -1e-6)
+        a = tl.minimum(a_raw, orpo_cap)
+        b = tl.minimum(b_raw, orpo_cap)
         ema = _expm1(a)
         emb = _expm1(b)
         lo = (a - b) - (tl.log(-ema) - tl.log(-emb))
         dlo = -beta * _sig(-lo)
-        dc = tl.where(a_raw <= -1e-6, dlo * (-1.0 / ema) / lc, 0.0)
-        dr = tl.where(b_raw <= -1e-6, dlo * (1.0 / emb) / lr, 0.0)
-        total, gc, gr = _add_term(13, -beta * _ls(lo), dc, dr, m, W, Metrics, inv_b, total, gc, gr)
+        dc = tl.where(a_raw <= orpo_cap, dlo * (-1.0 / ema) / lc, 0.0)
+        dr = tl.where(b_raw <= orpo_cap, dlo * (1.0 / emb) / lr, 0.0)
+        total, gc, gr = _add_term(13, -beta * _ls(lo), dc, dr, m, W, TermMetrics, inv_b, total, gc, gr)
 
     # SFT: -(sum of chosen token log-probs) / (chosen tokens in the batch); also the nll metric.
     tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
     nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
     if (TYPES >> 14) & 1:
         w = tl.load(W + 14)
-        tl.store(Metrics + 8 + 14, nll)
+        tl.store(TermMetrics + 14, nll)
         total += w * nll
         gc += -w / tokens
 
@@ -271,7 +276,7 @@ def pair_terms(seq, ref_seq, count, delta, types, type_weights, beta, label_smoo
     metrics = torch.full((NUM_METRICS + len(TYPE_BITS),), float("nan"), device=dev)
     coef = torch.empty(2 * B, device=dev, dtype=torch.float32)
     _pair_terms_kernel[(1,)](
-        seq, ref_seq, count, delta, type_weights, loss, metrics, coef,
-        B, float(beta), float(label_smoothing), float(tau),
+        seq, ref_seq, count, delta, type_weights, loss, metrics, metrics[NUM_METRICS:], coef,
+        B, float(beta), float(label_smoothing), float(tau), ORPO_MAX_AVG_LOGP,
         TYPES=types, BLOCK_B=max(16, triton.next_power_of_2(B)))
     return loss, metrics, coef

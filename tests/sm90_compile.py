@@ -61,8 +61,8 @@ def variants(quick: bool):
     seg = {"Logp": "*fp32", "RefLogp": "*fp32", "Targets": "*i64", "Cu": "*i32", "Seq": "*fp32",
            "RefSeq": "*fp32", "Count": "*fp32", "ignore_index": "i32", "G": "*fp32",
            "Out": "*fp32", "Ref": "*fp32", "Delta": "*fp32", "W": "*fp32", "Loss": "*fp32",
-           "Metrics": "*fp32", "Coef": "*fp32", "B": "i32", "beta": "fp32", "e": "fp32",
-           "tau": "fp32"}
+           "Metrics": "*fp32", "TermMetrics": "*fp32", "Coef": "*fp32", "B": "i32",
+           "beta": "fp32", "e": "fp32", "tau": "fp32", "orpo_cap": "fp32"}
     block = {"BLOCK": loss_epilogue.TOKEN_BLOCK}
     yield ("segment_sums", "fp32", False, False, block, loss_epilogue._segment_sums_kernel, seg,
            {"HAS_REF": True, **block}, 4, 1)
