@@ -21,6 +21,7 @@ import torch
 
 import mpo_fast
 from bench.measure import measure_case
+from bench.peers import naive_token_logps
 
 IMPLS = ("naive", "fused-torch", "fused-triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,18 +42,13 @@ def make_inputs(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device
     return hidden, weight, targets, upstream
 
 
-def naive_logprobs(hidden, weight, targets):
-    logits = (hidden @ weight.T).float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
 def step_fn(impl: str, mode: str, hidden, weight, targets, upstream):
     """A closure running one step of `impl` in `mode` (gradients reset each call)."""
     backend = {"fused-torch": "torch", "fused-triton": "triton"}.get(impl)
 
     def logprobs():
         if impl == "naive":
-            return naive_logprobs(hidden, weight, targets)
+            return naive_token_logps(hidden, weight, targets)
         return mpo_fast.fused_logprobs(hidden, weight, targets, backend=backend)
 
     if mode == "fwd":

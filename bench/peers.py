@@ -97,7 +97,7 @@ def _num_pairs(inp: HeadInputs) -> int:
     return rows // 2
 
 
-def _token_logps_full_logits(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def naive_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """Per-token log-probs of ``targets`` from full fp32 logits (0 where the target is ignored)."""
     mask = targets != IGNORE_INDEX
     logits = (hidden @ weight.T).float()
@@ -209,9 +209,9 @@ def _naive_loss(inp: HeadInputs) -> Tensor:
     """Full fp32 logits + log_softmax + gather for policy and reference, MPO with delta = 0."""
     _num_pairs(inp)
     mask = inp.targets != IGNORE_INDEX
-    tok = _token_logps_full_logits(inp.hidden, inp.weight, inp.targets)
+    tok = naive_token_logps(inp.hidden, inp.weight, inp.targets)
     with torch.no_grad():
-        ref = _token_logps_full_logits(inp.ref_hidden, inp.ref_weight, inp.targets).sum(-1)
+        ref = naive_token_logps(inp.ref_hidden, inp.ref_weight, inp.targets).sum(-1)
     return _mpo_from_logps(tok, ref, mask, inp.beta, inp.loss_weights)
 
 

@@ -72,6 +72,12 @@ def _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap):
     return t * (softcap * inv_temp), t, wc
 
 
+def _target_columns(y, v0, v1):
+    """(column of each target in the tile [v0, v1), clamped into it; whether it is really there)."""
+    local = y - v0
+    return local.clamp(0, v1 - v0 - 1), (local >= 0) & (local < v1 - v0)
+
+
 def forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None):
     """(lse, z_target) [M] for hidden rows `rows` (int64) with `targets`; fp32 (fp64 for fp64)."""
     M, (V, H) = rows.numel(), weight.shape
@@ -87,9 +93,8 @@ def forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None)
         for v0 in range(0, V, vc):
             v1 = min(v0 + vc, V)
             z, _, _ = _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap)
-            local = y - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            col, inside = _target_columns(y, v0, v1)
+            picked = z.gather(1, col[:, None]).squeeze(1)
             zy_c = torch.where(inside, picked, zy_c)
             m = z.amax(dim=1, keepdim=True)
             tile_lse = m.squeeze(1) + z.sub_(m).exp_().sum(dim=1).log_()
@@ -109,9 +114,9 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, 
     gw = torch.zeros((V, H), device=dev, dtype=weight.dtype) if need_w else None
     gb = torch.zeros(V, device=dev, dtype=acc) if need_b else None
     tc, vc = plan_chunks(M, V, H, hidden.dtype, softcap is not None, budget)
+    direct = need_w and weight.dtype == acc  # fp32 (fp64) weights: accumulate into the output
     for v0 in range(0, V if M else 0, vc):
         v1 = min(v0 + vc, V)
-        direct = need_w and weight.dtype == acc
         gw_c = gw[v0:v1] if direct else (torch.zeros((v1 - v0, H), device=dev, dtype=acc)
                                          if need_w else None)
         for t0 in range(0, M, tc):
@@ -121,10 +126,8 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, 
             z, t, wc = _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap)
             # da = g * (onehot - p) * dz/da, built in place in the tile
             da = z.sub_(lse[t0:t0 + tc, None]).exp_().mul_(-g[:, None])
-            local = y - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            da.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
-                            torch.where(inside, g, 0.0)[:, None])
+            col, inside = _target_columns(y, v0, v1)
+            da.scatter_add_(1, col[:, None], torch.where(inside, g, 0.0)[:, None])
             if t is not None:
                 da.mul_(t.square_().neg_().add_(1.0))
             if inv_temp != 1.0:
