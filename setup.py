@@ -13,8 +13,6 @@ import sys
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def extension_kwargs() -> dict:
     cpp = sorted(glob.glob("csrc/*.cpp"))
@@ -64,11 +62,14 @@ setup(
     python_requires=">=3.10",
     packages=["mpo_fast", "mpo_fast.kernels"],
     package_dir={"mpo_fast": "mpo_fast", "mpo_fast.kernels": "kernels"},
-    install_requires=["torch>=2.5", "tqdm"],
+    license="Apache-2.0",
+    install_requires=["torch>=2.5"],
     extras_require={
         "triton": ["triton>=3.1"],
         "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ruff"],
-        "bench": ["matplotlib", "liger-kernel", "trl", "cut-cross-entropy"],
+        # the benchmarks: progress bar, plots, and the peers (TRL's trainer needs datasets, pandas)
+        "bench": ["tqdm", "matplotlib", "liger-kernel", "trl", "datasets", "pandas",
+                  "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["mpo-fast=mpo_fast.cli:main"]},
     **extension_kwargs(),
