@@ -1,21 +1,21 @@
 """Accuracy of MPOLoss per loss type: relative error of the loss and of its gradients
 (hidden, weight, bias) against float64, for fp32 and bf16 inputs.
 
-    python -m bench.loss_accuracy [--backend torch|triton] [--small] [--out DIR]
+    python -m bench accuracy [--backend torch|triton] [--quick] [--device D] [--out DIR]
 
 The float64 side runs the same inputs (upcast) through full logits, log_softmax and gather,
 then `preference_loss` in float64 (its formulas are held to an independent transcription of
-DESIGN.md §3.3 by tests/test_mpo.py). The "triton" backend needs CUDA, or TRITON_INTERPRET=1.
+docs/DESIGN.md §3.3 by tests/test_mpo.py). The "triton" backend needs CUDA, or
+TRITON_INTERPRET=1 (then use --quick: a shape the interpreter can take).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
 import torch
 
-from bench.report import markdown_table, results_dir
+from bench.report import markdown_table
 from mpo_fast import MPOLoss, preference_loss
 from mpo_fast.losses import LOSS_TYPES
 
@@ -70,29 +70,19 @@ def measure(loss_type: str, dtype: torch.dtype, backend: str, device: str,
             "d_bias": rel(leaves[2].grad, ref[3])}
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="torch", choices=["torch", "triton"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="a shape the interpreter can take")
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
+def run(device: torch.device, quick: bool, out: Path, backend: str = "torch") -> str:
+    """Every loss type in fp32 and bf16; writes loss_accuracy_<backend>.md to `out`."""
     torch.manual_seed(0)
-    B, T, H, V = (2, 16, 32, 500) if args.small else (4, 64, 64, 2000)
-    rows = [measure(t, dt, args.backend, args.device, B, T, H, V) for t in LOSS_TYPES
+    B, T, H, V = (2, 16, 32, 500) if quick else (4, 64, 64, 2000)
+    rows = [measure(t, dt, backend, str(device), B, T, H, V) for t in LOSS_TYPES
             for dt in (torch.float32, torch.bfloat16)]
     table = markdown_table(rows, [("loss_type", "loss type", ""), ("dtype", "inputs", ""),
                                   ("loss", "err loss", ".1e"), ("d_hidden", "err dH", ".1e"),
                                   ("d_weight", "err dW", ".1e"), ("d_bias", "err db", ".1e")])
-    text = (f"## MPOLoss accuracy per loss type ({args.backend} backend, {args.device})\n\n"
+    text = (f"## MPOLoss accuracy per loss type ({backend} backend, {device})\n\n"
             f"Relative error against float64 (full logits, same inputs upcast), B={B} pairs, "
             f"T={T} (the first {T // 4} positions are prompt), H={H}, V={V}, beta=0.1, "
             f"BCO delta=0.\n\n"
             f"{table}\n")
-    path = results_dir(torch.device(args.device), args.out)
-    (path / f"loss_accuracy_{args.backend}.md").write_text(text)
+    (out / f"loss_accuracy_{backend}.md").write_text(text)
     return text
-
-
-if __name__ == "__main__":
-    print(main(sys.argv[1:]))

@@ -1,7 +1,8 @@
 """How the benchmarks measure: time, peak extra memory and the card's (or CPU's) matmul rate.
 
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
-  the CPU (where the op is synchronous).
+  the CPU (where the op is synchronous). With one repeat on the CPU, the step whose peak
+  memory is measured is also the one timed (the quick CPU runs: one step fewer per case).
 - Peak extra memory: what the step allocates beyond its inputs (and the outputs/gradients it
   leaves), measured after one warm-up step (compilation and autotuning stay out).
   CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the step.
@@ -121,8 +122,14 @@ def measure_case(spec: dict, step: Callable[[], object], flops: float) -> dict:
     device = torch.device(spec["device"])
     try:
         step()
+        t0 = time.perf_counter()
         peak = peak_extra_bytes(step, device)
-        ms = time_ms(step, device, warmup=spec.get("warmup", 0), repeats=spec.get("repeats", 3))
+        first_ms = (time.perf_counter() - t0) * 1e3
+        repeats = spec.get("repeats", 3)
+        if device.type == "cpu" and repeats == 1:
+            ms = first_ms  # synchronous: the measured step is the timed one (one step fewer)
+        else:
+            ms = time_ms(step, device, warmup=spec.get("warmup", 0), repeats=repeats)
     except Exception as exc:
         if not out_of_memory(exc):
             raise

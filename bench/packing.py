@@ -1,4 +1,4 @@
-"""Packing benchmark: `python -m bench.packing [--device cpu|cuda] [--quick] [--out DIR]`.
+"""Packing benchmark: `python -m bench packing [--device D] [--quick] [--seed S] [--out DIR]`.
 
 1. Planner. Pairs drawn from a realistic length distribution (log-normal prompts clipped to
    64..4096 tokens, log-normal completions clipped to 16..1024, one prompt shared by the chosen
@@ -16,22 +16,22 @@
    measured in the same run, and, for context, the boolean-mask idiom many codebases use
    (`x[mask]`, `out[mask] = v`; not this library's fallback).
 
-Writes bench/results/<device>-<date>/packing.md and prints it. Every number is from this run.
+Writes packing.md to the output folder (see bench/report.py). Every number is from this run.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from bench.report import markdown_table, results_dir
+from bench.report import markdown_table
 from mpo_fast import packing
 
 # (S, T, H, dtype, lengths) per device; "uniform" lengths are drawn from 1..T, "realistic" from
@@ -225,30 +225,17 @@ def machine(device: torch.device) -> str:
             f"torch {torch.__version__}")
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    n_pairs, n_ref = (20_000, 5_000) if args.quick else (200_000, 50_000)
+def run(device: torch.device, quick: bool, out: Path, seed: int = 0) -> str:
+    """Both reports; writes packing.md to `out` and returns its text."""
+    gen = torch.Generator().manual_seed(seed)
+    n_pairs, n_ref = (20_000, 5_000) if quick else (200_000, 50_000)
     text = "\n".join([
         f"# Packing benchmark ({machine(device)})\n",
-        f"Backend: `{packing.backend()}`. Seed {args.seed}.\n",
+        f"Backend: `{packing.backend()}`. Seed {seed}.\n",
         "## Planner: padding before and after\n",
         planner_report(n_pairs, n_ref, gen),
         "## pack + unpack: extension vs pure-torch fallback\n",
-        speed_report(device, args.quick, gen),
+        speed_report(device, quick, gen),
     ])
-    path = results_dir(device, args.out) / "packing.md"
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
+    (out / "packing.md").write_text(text)
     return text
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,9 @@
-"""Where results go and how they are written: markdown tables and CSV under
-bench/results/<device>-<date>/."""
+"""Where results go and how they are written: markdown tables and CSV.
+
+A run writes to ./runs/<device>-<date>/ (ignored by git) unless it is given a folder. The
+committed results in bench/results/<device>-<date>/ are written only by naming that folder:
+`python -m bench mpo --out bench/results/cpu-2026-11-26`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed results, one folder per run
+RUNS = Path("runs")  # default output, relative to the working directory; /runs/ is git-ignored
 
 
 def device_slug(device: torch.device) -> str:
@@ -21,8 +26,14 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
 
 
-def results_dir(device: torch.device, out: str | None = None) -> Path:
-    path = Path(out) if out else RESULTS / f"{device_slug(device)}-{datetime.date.today()}"
+def default_dir(device: torch.device) -> Path:
+    """./runs/<device>-<date>/ (the folder name bench/results/ uses too)."""
+    return RUNS / f"{device_slug(device)}-{datetime.date.today()}"
+
+
+def results_dir(device: torch.device, out: str | Path | None = None) -> Path:
+    """The output folder, created: `out` if given, else `default_dir(device)`."""
+    path = Path(out) if out else default_dir(device)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

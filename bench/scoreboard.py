@@ -94,7 +94,9 @@ def accuracy(impl: str, dtype: str, device: torch.device) -> dict:
 
 
 def run_case(spec: dict) -> dict:
-    """Measure one (impl, N, H, V, dtype) case, or the accuracy check if spec["accuracy"]."""
+    """Measure one (impl, N, H, V, dtype) case, or only the accuracy check if
+    spec["accuracy"]; spec["check"] adds the accuracy check to the measured case (one process
+    start fewer)."""
     device = torch.device(spec["device"])
     why = IMPLS[spec["impl"]][0](device)
     if why:
@@ -105,6 +107,9 @@ def run_case(spec: dict) -> dict:
     inp = make_inputs(N, H, V, DTYPES[spec["dtype"]], device)
     tokens = int((inp.targets != -100).sum())
     result = measure_case(spec, step_fn(spec["impl"], inp), 10 * tokens * H * V)
+    if spec.get("check"):
+        del inp
+        result.update(accuracy(spec["impl"], spec["dtype"], device))
     return {**result, "tokens": tokens}
 
 
