@@ -1,0 +1,147 @@
+"""`mpo-fast`: the command line (also `python -m mpo_fast`).
+
+    mpo-fast info               versions, backends and devices: what a bug report needs
+    mpo-fast version            the package version
+    mpo-fast bench [ARGS...]    the benchmarks (`python -m bench ARGS...`; source checkout only)
+
+One subcommand = one `Command`: a name, a one-line help, a function adding its arguments and a
+function running it. `train` and `pairs` join `COMMANDS` with the trainer and pair-generation
+layers; cli.py stays the top of the layering (cli -> train/pairs -> data -> core) and imports a
+layer only inside the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import __version__
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False  # hands its raw arguments to another parser (bench)
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- version, info
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"mpo-fast {__version__}")
+    return 0
+
+
+def _module_version(name: str) -> str:
+    try:
+        return getattr(importlib.import_module(name), "__version__", "installed")
+    except Exception as exc:  # missing, or broken on import: say which
+        return f"not available ({type(exc).__name__})"
+
+
+def info_lines() -> list[str]:
+    """What `mpo-fast info` prints: versions, devices and the implementation each op would use."""
+    import torch
+
+    from . import attention, packing
+    from .logprobs import resolve_backend
+
+    cuda = torch.cuda.is_available()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    lines = [
+        f"mpo-fast      {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
+        f"python        {platform.python_version()} ({sys.executable})",
+        f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        *(f"{m:<13} {_module_version(m)}" for m in ("triton", "transformers", "flash_attn")),
+        f"cpu           {platform.machine()}, {os.cpu_count()} cores",
+        f"gpu           {', '.join(gpus) if gpus else 'none'}",
+    ]
+    for dev in devices:
+        backend = resolve_backend("auto", dev, torch.bfloat16 if dev.type == "cuda"
+                                  else torch.float32)
+        lines.append(f"logprobs      backend on {dev.type}: {backend} "
+                     f"(MPO_FAST_BACKEND={os.environ.get('MPO_FAST_BACKEND', 'unset')})")
+    ext = "built" if packing._C is not None else "not built (pure-torch fallback)"
+    lines.append(f"packing       backend: {packing.backend()}; extension mpo_fast._C {ext}")
+    lines.append(f"attention     registered name: {attention.ATTENTION_NAME}")
+    return lines
+
+
+def _info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run `python -m bench` with the remaining arguments, from a source checkout."""
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        if os.path.isfile(os.path.join(root, "bench", "__main__.py")):
+            sys.path.insert(0, root)
+            break
+    else:
+        print("mpo-fast bench: the benchmarks live in bench/ of the source checkout; run it "
+              "from the repository root (or install with pip install -e .)", file=sys.stderr)
+        return 2
+    from bench.__main__ import main as bench_main
+
+    bench_main(args.rest)
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("info", "versions, backends and devices", _no_arguments, _info),
+    Command("version", "print the version", _no_arguments, _version),
+    Command("bench", "benchmarks against the peers: mpo-fast bench [mpo|head|packing|accuracy|"
+            "all] [--quick] [--out DIR] (python -m bench --help)", _no_arguments, _bench,
+            passthrough=True),
+    # train, pairs: added with mpo_fast.train and mpo_fast.pairs.
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpo-fast",
+        description="Mixed Preference Optimization with fused, memory-lean log-prob kernels.",
+        epilog="Design: docs/DESIGN.md. Environment: MPO_FAST_BACKEND=torch|triton, "
+               "MPO_FAST_WORKSPACE_MB, MPO_FAST_PACKING=torch.")
+    parser.add_argument("--version", action="version", version=f"mpo-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=not
+                           cmd.passthrough)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    passthrough = {c.name: c for c in COMMANDS if c.passthrough}
+    if argv and argv[0] in passthrough:
+        return passthrough[argv[0]].run(argparse.Namespace(rest=argv[1:]))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `mpo-fast` command (mpo_fast/cli.py) and the benchmark CLI it forwards to.
+
+The command must answer --help and list its subcommands, `info` must say which backends
+would run, and the console script in setup.py must point at a function that exists. The
+benchmarks must write outside tracked files unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpo_fast
+from mpo_fast import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "mpo_fast", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("info", "version", "bench"):
+        assert re.search(rf"^\s+{name}\s", proc.stdout, re.M), proc.stdout
+
+
+def test_no_arguments_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "usage: mpo-fast" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert cli.main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mpo-fast {mpo_fast.__version__}"
+
+
+def test_info_names_versions_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch         {torch.__version__}" in out
+    assert f"packing       backend: {mpo_fast.packing.backend()}" in out
+    assert "logprobs      backend on cpu: torch" in out or "MPO_FAST_BACKEND=triton" in out
+
+
+def test_unknown_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["no-such-command"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_forwards_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "mpo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m bench mpo" in out and "--quick" in out and "--out" in out
+
+
+def test_console_script_points_at_main():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    scripts = [ast.literal_eval(kw.value) for node in ast.walk(tree)
+               if isinstance(node, ast.Call) for kw in node.keywords
+               if kw.arg == "entry_points"]
+    assert scripts == [{"console_scripts": ["mpo-fast=mpo_fast.cli:main"]}]
+    assert callable(cli.main)
+
+
+def test_bench_suites_share_one_parser():
+    from bench.__main__ import SUITES, build_parser
+
+    parser = build_parser()
+    for suite in (*SUITES, "all"):
+        args = parser.parse_args([suite, "--quick", "--device", "cpu"])
+        assert args.suite == suite and args.quick and args.out is None
+    assert "accuracy" in SUITES  # bench/loss_accuracy.py is wired in
+    assert parser.parse_args(["packing", "--seed", "3"]).seed == 3
+    assert parser.parse_args(["accuracy", "--backend", "triton"]).backend == "triton"
+
+
+def test_bench_writes_outside_tracked_files(tmp_path, monkeypatch):
+    """The default results folder is ./runs/<device>-<date>/, which git ignores; bench/results
+    is written only when named."""
+    from bench import report
+
+    default = report.default_dir(torch.device("cpu"))
+    assert default.parts[0] == "runs"
+    probe = default / "mpo.md"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, f"{probe} would be tracked by git"
+    monkeypatch.chdir(tmp_path)
+    assert report.results_dir(torch.device("cpu")).resolve() == (tmp_path / default).resolve()
+    named = report.results_dir(torch.device("cpu"), tmp_path / "named")
+    assert named == tmp_path / "named" and named.is_dir()
