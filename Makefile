@@ -1,30 +1,57 @@
-# mpo-fast: `make demo` runs the main job on its embedded default, `make test` runs the tests.
+# mpo-fast: `make demo` runs the MPO loss head against its peers, `make test` runs the tests.
 # Both set up what they need first (CPU torch 2.13 when no torch is installed).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
-# the peers the benchmarks compare against (TRL's trainer needs datasets and pandas)
-PEERS := liger-kernel trl datasets pandas cut-cross-entropy
+# what the benchmarks need: the peers they compare against (TRL's trainer needs datasets and
+# pandas), a progress bar and plots
+BENCH_DEPS := liger-kernel trl datasets pandas cut-cross-entropy tqdm matplotlib
+TEST_DEPS := "triton>=3.1; platform_system=='Linux'" pybind11 ninja pytest pytest-benchmark \
+	"transformers>=4.45" ruff
 
-.PHONY: setup peers test demo bench lint
+# `make setup` installs and builds only when something it depends on changed: the stamp is
+# keyed on the extension's sources, setup.py, pyproject.toml and the interpreter, and is
+# trusted only while this checkout's extension and kernels import (a new torch, a deleted .so
+# or an install of another checkout all rebuild). `rm -rf build` forces a rebuild.
+SETUP_KEY := $(shell { cat setup.py pyproject.toml csrc/*; echo "$(PYTHON)"; } 2>/dev/null \
+	| sha256sum | cut -c1-16)
+STAMP := build/setup-$(SETUP_KEY).stamp
+CHECK_INSTALL := import os, importlib.util as u, mpo_fast._C, mpo_fast.kernels as k; \
+	assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')), k.__file__; \
+	assert all(u.find_spec(m) for m in ('pytest', 'transformers'))
+
+.PHONY: setup install peers test test-slow demo bench lint
 
 setup:
+	@if [ -f $(STAMP) ] && $(PYTHON) -c "$(CHECK_INSTALL)" 2>/dev/null; then \
+		echo "setup: up to date (nothing changed since $(STAMP))"; \
+	else \
+		$(MAKE) --no-print-directory install; \
+	fi
+
+install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) "triton>=3.1; platform_system=='Linux'" pybind11 ninja tqdm matplotlib \
-		pytest pytest-benchmark "transformers>=4.45" ruff
+	$(PIP) $(TEST_DEPS)
 	$(PIP) --no-build-isolation -e .
+	@mkdir -p build && rm -f build/setup-*.stamp && touch $(STAMP)
 
 peers: setup
-	$(PIP) $(PEERS)
+	$(PIP) $(BENCH_DEPS)
 
+# The whole suite within ~4 GB of RAM; the large-memory cases are `make test-slow`.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not slow"
 
-# The MPO loss head on its default shape, mpo-fast against the naive way and the peers.
+# Cases that need ~10 GB of free RAM (e.g. V*H > 2^31 weights); skipped when it is not there.
+test-slow: setup
+	$(PYTHON) -m pytest -q -m slow
+
+# The MPO loss head at a real vocabulary, mpo-fast against the naive way and the peers.
+# Writes to ./runs/<device>-<date>/ (ignored by git) and says so.
 demo: peers
 	$(PYTHON) -m bench mpo --quick
 
 bench: peers
-	$(PYTHON) -m bench
+	$(PYTHON) -m bench all
 
 lint:
 	$(PYTHON) -m ruff check .
