@@ -27,7 +27,6 @@ except ImportError:
 SLOW_TEST_GIB = 10
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
 
 
 @pytest.fixture(autouse=True)
