@@ -151,8 +151,9 @@ def crossover(N: int, H: int, V: int) -> str:
     return (f"Why: naive holds N x V fp32 logits ({logits:,.0f} MiB here, more again for "
             f"log_softmax and its gradient) where mpo-fast keeps a fixed "
             f"{workspace_bytes() / 2**20:.0f} MiB workspace plus the gradients, so the fused "
-            f"head wins once N x V logits dominate memory; at a small vocabulary (V = 16,384) "
-            f"naive's single large GEMM is faster.")
+            f"head wins on memory once N x V logits dominate it; it recomputes the logits in "
+            f"the backward, so on time it is near naive at a large vocabulary and slower at a "
+            f"small one (V = 16,384), where naive's single large GEMM is cheaper.")
 
 
 def head_suite(args: argparse.Namespace) -> str:
