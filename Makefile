@@ -42,8 +42,9 @@ test: setup
 	$(PYTHON) -m pytest -q -m "not slow"
 
 # Cases that need ~10 GB of free RAM (e.g. V*H > 2^31 weights); skipped when it is not there.
+# pytest's exit code 5 (no test has the marker) is not a failure here.
 test-slow: setup
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # The MPO loss head at a real vocabulary, mpo-fast against the naive way and the peers.
 # Writes to ./runs/<device>-<date>/ (ignored by git) and says so.
