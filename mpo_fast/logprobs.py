@@ -53,9 +53,10 @@ def fused_logprobs(
         gradient; under ``torch.no_grad()`` nothing is saved for backward.
 
     Memory: no ``[N, V]`` tensor is ever allocated. Beyond inputs, outputs and gradients the
-    op keeps O(N) fp32 (row indices, log-sum-exp) plus a bounded workspace: see
-    ``mpo_fast.torch_backend`` (default 256 MiB) and ``mpo_fast.kernels.logprob_backward``
-    (fp32 dW slab of 8192 x H for half-precision weights).
+    op keeps O(N) fp32 (row indices, log-sum-exp) plus a bounded workspace (both backends:
+    ``MPO_FAST_WORKSPACE_MB``, default 256 MiB; see ``mpo_fast.torch_backend`` and
+    ``mpo_fast.kernels.logprob_backward``), and in the Triton backward an fp32 [M, H]
+    accumulator for d hidden.
     """
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
     impl = _backend_module(backend, hidden)
@@ -114,6 +115,22 @@ class _FusedLogProbs(torch.autograd.Function):
         grad = grad_out.index_select(0, rows).to(lse.dtype).contiguous()
         gh, gw, gb = ctx.head.backward(hidden, weight, bias, rows, targets, lse, grad, needs)
         return None, gh, gw, gb, None, None
+
+
+def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
+           device: torch.device | str = "cuda", *, bias: bool = False,
+           softcap: float | None = None) -> int:
+    """Compile the Triton kernels for an LM head [V, H] of `dtype` ahead of the first step.
+
+    The first `fused_logprobs` / `MPOLoss` call otherwise pays Triton's compilation (a few
+    seconds per kernel). Nothing is launched or allocated. Returns how many kernel variants
+    were compiled (0 where the Triton backend is not used: CPU, interpreter, no triton).
+    """
+    if not triton_available() or torch.device(device).type != "cuda":
+        return 0
+    from .kernels import warmup as compile_kernels
+
+    return compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
