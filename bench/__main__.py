@@ -30,7 +30,7 @@ SHAPES = {
     "cpu": [(4096, 512, 32000, "fp32"), (8192, 512, 65536, "fp32")],
     "cpu-quick": [(2048, 256, 16384, "fp32")],
     "cuda": [(n, 4096, v, "bf16") for v in GPU_VS for n in GPU_NS],
-    "cuda-quick": [(16384, 4096, 151646, "bf16")],
+    "cuda-quick": [(16384, 4096, 151646, "bf16"), (8192, 2304, 256000, "bf16")],
 }
 KEYS = ("N", "H", "V", "dtype")
 COMMON_COLUMNS = [("ms", "ms", ".1f"), ("peak_mib", "peak extra MiB", ".0f"),
