@@ -45,8 +45,11 @@ def run_all(module, specs, device: torch.device, desc: str) -> list[dict]:
     for spec in tqdm(specs, desc=desc, file=sys.stderr):
         if device.type == "cpu":
             rows.append(run_isolated(module.__name__, spec))
-        else:
-            rows.append(module.run_case(spec))
+        else:  # one failing case (a peer refusing a dtype) must not lose the others
+            try:
+                rows.append(module.run_case(spec))
+            except Exception as exc:
+                rows.append({**spec, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             torch.cuda.empty_cache()
     return rows
 

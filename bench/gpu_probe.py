@@ -256,7 +256,7 @@ def sweep(N, H, V, rate: float, out: Path, quick: bool) -> None:
     da = torch.empty((N, S), device=DEV, dtype=hidden.dtype)
     nhv = N * H * V
     every = configs.CANDIDATES["half"]
-    cands = [every[i] for i in (0, 1, 3, 5, 6)] if quick else every
+    cands = [every[i] for i in (0, 1, 3, 5, 6, 7)] if quick else every
     rows_out = []
     for cfg in cands:
         row = {"config": str(cfg)}

@@ -20,9 +20,10 @@ BLOCK_K slices:
 
 GROUP_N (the backward's program order): that many token blocks sweep the same vocab tiles
 together, so a weight tile is read from DRAM once per group, not once per token block.
-`min_splits` (the forward's): the vocabulary is cut in at least this many splits, and the
-split index varies fastest in the grid, so programs running at the same time share few hidden
-panels (they stay in L2) and each weight panel is streamed by a handful of token blocks.
+`min_splits`, `split_fastest` (the forward's): the vocabulary is cut in at least this many
+splits (more when few token blocks would leave SMs idle); the token block varies fastest in the
+grid unless `split_fastest`. Measured on an H100 at 16k x 4096 x 151,646 bf16: token-fastest
+with 3 splits 40.8 ms, split-fastest with 8 / 16 / 32 splits 42.9 / 46.6 / 51.1 ms.
 
 Autotuning (MPO_FAST_AUTOTUNE=1): every candidate of `CANDIDATES` is timed with
 `triton.testing.do_bench` on the real arguments (the kernels only write their outputs, so
@@ -32,6 +33,7 @@ token-count bucket) in memory and in ~/.cache/mpo_fast/autotune.json (MPO_FAST_C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -52,7 +54,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_n: int = 8
-    min_splits: int = 16
+    min_splits: int = 1
+    split_fastest: bool = False
 
     def launch_kwargs(self) -> dict:
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_K": self.block_k,
@@ -70,7 +73,10 @@ CANDIDATES = {
              TileConfig(64, 256, 64, num_warps=8, num_stages=3),
              TileConfig(128, 128, 64, num_warps=4, num_stages=4),
              TileConfig(128, 256, 64, num_warps=8, num_stages=3, min_splits=8),
-             TileConfig(128, 256, 64, num_warps=8, num_stages=3, min_splits=32),
+             TileConfig(128, 256, 64, num_warps=8, num_stages=3, min_splits=8,
+                         split_fastest=True),
+             TileConfig(128, 256, 64, num_warps=8, num_stages=3, min_splits=16,
+                         split_fastest=True),
              TileConfig(128, 256, 64, num_warps=8, num_stages=3, group_n=16)],
     "fp32": [FP32, TileConfig(64, 64, 32, num_warps=4, num_stages=3),
              TileConfig(32, 64, 32, num_warps=4, num_stages=2),
@@ -99,8 +105,7 @@ def pick(kernel: str, dtype: torch.dtype, M: int, device: torch.device,
     if kernel == "backward" and softcap:
         cfg = AMPERE  # tanh's derivative makes 128 x 256 spill 4 KB; 128 x 128 does not
     if triton.cdiv(M, cfg.block_n) < 4:
-        cfg = TileConfig(64, cfg.block_v, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                         cfg.group_n, cfg.min_splits)
+        cfg = dataclasses.replace(cfg, block_n=64)
     return cfg
 
 

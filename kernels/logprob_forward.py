@@ -9,10 +9,9 @@ For each non-ignored token m (hidden row r_m, target y_m):
     log p(y_m) = zy_m - lse_m
 
 Parallelism: a program owns BLOCK_N tokens and one contiguous *split* of the vocabulary, so
-the grid is (vocab splits) x (token blocks) and fills the GPU even when few tokens are left.
-The split index varies fastest: the programs resident at one time are a few token blocks times
-every split, so their hidden panels stay in L2 while each weight panel is streamed by those
-few token blocks together. Each split writes its partial (lse, zy) to a [splits, M] fp32
+the grid is (token blocks) x (vocab splits) and fills the GPU even when few tokens are left.
+By default the token block varies fastest: the programs resident at one time sweep the same
+few weight panels (kernels/configs.py has the measured alternatives). Each split writes its partial (lse, zy) to a [splits, M] fp32
 buffer; the launcher folds the splits with a logsumexp and a sum (O(M) memory, no locks,
 deterministic).
 
@@ -38,11 +37,15 @@ def _logprob_fwd_kernel(
     M, V, Hdim, stride_h, stride_w, v_per_split,
     inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_FASTEST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if SPLIT_FASTEST:
+        pid_s = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < M
     rows = tl.load(Rows_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -76,10 +79,10 @@ _SPLIT_ALIGN = 256
 
 
 def vocab_splits(M: int, V: int, cfg: configs.TileConfig, device: torch.device) -> int:
-    """At least cfg.min_splits, and enough (split x token block) programs to fill every SM
+    """At least cfg.min_splits, and enough (split x 64-token block) programs to fill every SM
     four times over; never splits thinner than 4 aligned tiles."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
-    token_blocks = max(1, triton.cdiv(M, cfg.block_n))
+    token_blocks = max(1, triton.cdiv(M, 64))
     want = max(cfg.min_splits, triton.cdiv(4 * sms, token_blocks))
     return max(1, min(want, triton.cdiv(V, 4 * _SPLIT_ALIGN)))
 
@@ -109,13 +112,15 @@ def forward(
         splits = triton.cdiv(V, v_per_split)
         lse = torch.empty((splits, M), device=hidden.device, dtype=torch.float32)
         zy = torch.empty_like(lse)
-        _logprob_fwd_kernel[(splits, triton.cdiv(M, cfg.block_n))](
+        blocks = triton.cdiv(M, cfg.block_n)
+        grid = (splits, blocks) if cfg.split_fastest else (blocks, splits)
+        _logprob_fwd_kernel[grid](
             hidden, weight, bias if bias is not None else weight, rows, targets, lse, zy,
             M, V, Hdim, hidden.stride(0), weight.stride(0), v_per_split,
             inv_temp, softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             UPCAST=must_upcast(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
-            **cfg.launch_kwargs(),
+            SPLIT_FASTEST=cfg.split_fastest, **cfg.launch_kwargs(),
         )
         buffers["out"] = (lse, zy)
 

@@ -37,7 +37,7 @@ def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None
             _logprob_fwd_kernel.warmup(
                 dtype, dtype, dtype, i64, i64, f32, f32,
                 4096, V, H, H, H, 4 * _SPLIT_ALIGN, 1.0, 1.0,
-                grid=(1, 1), **flags, **cfg.launch_kwargs())
+                grid=(1, 1), SPLIT_FASTEST=cfg.split_fastest, **flags, **cfg.launch_kwargs())
             compiled += 1
         if not backward:
             return compiled

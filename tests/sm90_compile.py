@@ -130,7 +130,8 @@ def variants(quick: bool):
             for cfg, picked in head_configs("forward", dtype, softcap, quick):
                 meta = {k: v for k, v in cfg.launch_kwargs().items() if k.isupper()}
                 yield ("logprob_forward", dtype, bias, softcap, cfg, picked,
-                       logprob_forward._logprob_fwd_kernel, types, values, {**flags, **meta})
+                       logprob_forward._logprob_fwd_kernel, types, values,
+                       {**flags, **meta, "SPLIT_FASTEST": cfg.split_fastest})
             for cfg, picked in head_configs("backward", dtype, softcap, quick):
                 meta = {k: v for k, v in cfg.launch_kwargs().items() if k.isupper()}
                 yield ("logit_grad", dtype, bias, softcap, cfg, picked,
