@@ -7,7 +7,7 @@
 #   PARTS="scoreboard packing warm" bash bench/gpu_suite.sh second call (~4 min)
 #   DRY_RUN=1 bash bench/gpu_suite.sh                        here, on a CPU, toy shapes
 #
-# Parts: cold (first MPOLoss call on an empty Triton cache), probe (bench/gpu_probe.py: card
+# Parts, in the order they run: cold (first MPOLoss call on an empty Triton cache), probe (bench/gpu_probe.py: card
 # rates, float64 checks, per-shape timings, config sweep, previous kernels), tests (the suite
 # on CUDA), scoreboard (python -m bench mpo at the two shapes, with the peers),
 # packing (pack/unpack GB/s), warm (mpo_fast.warmup, then the first call).
@@ -60,14 +60,14 @@ if has cold; then  # an empty Triton cache: what a user's very first step costs
   TRITON_CACHE_DIR=$(mktemp -d) step cold 75 python3 -m bench.gpu_probe "${PROBE[@]}" \
     --parts cold --out "$OUT" 2>&1 | tee -a "$OUT/suite.log"
 fi
-if has probe; then
-  step probe 170 python3 -m bench.gpu_probe "${PROBE[@]}" --quick --out "$OUT" \
-    2>&1 | tee -a "$OUT/suite.log"
-fi
 if has scoreboard; then
   step scoreboard 200 python3 -m bench mpo --device "$DEVICE" --quick --out "$OUT/results" \
     >>"$OUT/suite.log" 2>&1
   [ -f "$OUT/results/mpo.md" ] && cp "$OUT/results/mpo.md" "$OUT/mpo.md" && cat "$OUT/mpo.md"
+fi
+if has probe; then
+  step probe 170 python3 -m bench.gpu_probe "${PROBE[@]}" --quick --out "$OUT" \
+    --parts "${PROBE_PARTS:-card,correctness,shapes,sweep,baseline}" 2>&1 | tee -a "$OUT/suite.log"
 fi
 if [ -n "${BUILD:-}" ]; then
   step build-wait 120 bash -c "while kill -0 $BUILD 2>/dev/null; do sleep 1; done"
