@@ -44,6 +44,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .backend import CHOICES, requested
+
 __all__ = [
     "ATTENTION_NAME",
     "attention_kwargs",
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "mpo_fast_packed"
-IMPLS = ("auto", "flash_attn", "varlen", "sdpa")
+BACKENDS = CHOICES["attention"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -98,7 +100,7 @@ def varlen_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     dropout: float = 0.0,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention inside each packed sequence; zero attention across boundaries.
 
@@ -115,26 +117,26 @@ def varlen_attention(
             (transformers' convention).
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the softmax.
         dropout: attention dropout probability (training).
-        impl: ``"auto"``, ``"flash_attn"``, ``"varlen"`` or ``"sdpa"`` (see the module doc).
+        backend: ``"auto"``, ``"flash_attn"``, ``"varlen"`` or ``"sdpa"`` (see the module
+            doc).
 
     Returns:
         ``[N, Hq, Dv]`` in the dtype of ``query``.
     """
     _check_qkv(query, key, value, cu_seqlens)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    backend = requested("attention", backend)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     args = (query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap,
             dropout)
-    if impl == "auto":
-        impl = _pick(*args)
-    if impl == "flash_attn":
+    if backend == "auto":
+        backend = _pick(*args)
+    if backend == "flash_attn":
         return _flash_attn(*args)
-    if impl == "varlen":
+    if backend == "varlen":
         if not _varlen_can_serve(*args):
-            raise ValueError("impl='varlen' cannot serve this call (needs CUDA fp16/bf16, "
+            raise ValueError("backend='varlen' cannot serve this call (needs CUDA fp16/bf16, "
                              "no dropout or softcap, and a torch with varlen_attn)")
         return _torch_varlen(*args)
     seq_ids = _seq_ids_from_cu(cu_seqlens, query.shape[0])
@@ -285,7 +287,7 @@ def _varlen_can_serve(q, k, v, cu, max_seqlen, scale, causal, window, softcap,
 def _flash_attn(q, k, v, cu, max_seqlen, scale, causal, window, softcap, dropout):
     fn = _flash_attn_fn()
     if fn is None:
-        raise ValueError("impl='flash_attn' but flash-attn is not installed")
+        raise ValueError("backend='flash_attn' but flash-attn is not installed")
     m = _max_seqlen(cu, max_seqlen)
     cu = cu.to(torch.int32)
     extra = {} if softcap is None else {"softcap": float(softcap)}

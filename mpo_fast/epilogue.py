@@ -97,15 +97,16 @@ def fused_epilogue_supported(cfg: LossConfig, num_pairs: int) -> bool:
 class Epilogue(torch.autograd.Function):
     """(token log-probs [N] ...) -> (loss [], seq log-probs [2B], metric vector).
 
-    forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, use_triton):
+    forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, backend):
         logp [N] policy token log-probs (differentiable), ref_logp [N] or None reference token
         log-probs, ref_seq [2B] or None precomputed reference sequence log-probs, targets [N]
-        (for the completion token counts), bco_state float64 [2] or None.
+        (for the completion token counts), bco_state float64 [2] or None, backend "triton"
+        (the kernels of `mpo_fast.kernels.loss_epilogue`) or "torch".
     """
 
     @staticmethod
-    def forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, use_triton):
-        if use_triton:
+    def forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, backend):
+        if backend == "triton":
             from .kernels import loss_epilogue as k
 
             seq, ref_sums, count = k.segment_sums(logp, ref_logp, targets, segs.cu_seqlens,
@@ -115,11 +116,11 @@ class Epilogue(torch.autograd.Function):
             ref_sums = segs.sum(ref_logp) if ref_logp is not None else None
             count = segs.sum((targets != cfg.ignore_index).to(logp.dtype))
         ref = ref_seq.to(seq) if ref_seq is not None else ref_sums
-        if use_triton and fused_epilogue_supported(cfg, seq.numel() // 2):
+        if backend == "triton" and fused_epilogue_supported(cfg, seq.numel() // 2):
             loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, bco_state)
         else:
             loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, bco_state)
-        ctx.segs, ctx.use_triton = segs, use_triton
+        ctx.segs, ctx.backend = segs, backend
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(metrics)
         return loss, seq, metrics
@@ -131,7 +132,7 @@ class Epilogue(torch.autograd.Function):
         per_seq = coef * grad_loss
         if grad_seq is not None:
             per_seq = per_seq + grad_seq
-        if ctx.use_triton:
+        if ctx.backend == "triton":
             from .kernels.loss_epilogue import broadcast
 
             grad = broadcast(per_seq.contiguous(), ctx.segs.cu_seqlens, ctx.segs.num_tokens)

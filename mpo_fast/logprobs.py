@@ -8,15 +8,15 @@ Triton kernels in `mpo_fast.kernels` (CUDA, or the CPU under TRITON_INTERPRET=1)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from . import torch_backend
+from .backend import CHOICES, requested, triton_available
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = CHOICES["head"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -124,25 +124,13 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtyp
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name `fused_logprobs` would use for tensors on `device` of `dtype`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("MPO_FAST_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"MPO_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    """The backend name `fused_logprobs` would use for tensors on `device` of `dtype`
+    (``MPO_FAST_BACKEND`` is read now, by `mpo_fast.backend.requested`)."""
+    backend = requested("head", backend)
     if backend == "auto":
         usable = device.type == "cuda" and dtype != torch.float64 and triton_available()
         return "triton" if usable else "torch"
     return backend
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:

@@ -108,10 +108,9 @@ class MPOLoss(nn.Module):
         if self.bco_state.device != logp.device:
             self.bco_state = self.bco_state.to(logp.device)
         state = self.bco_state if self.cfg.running_delta else None
-        use_triton = (resolve_backend(self.head["backend"], logp.device, hidden.dtype) == "triton"
-                      and logp.dtype == torch.float32)
+        backend = resolve_backend(self.head["backend"], logp.device, hidden.dtype)
         loss, seq, vec = Epilogue.apply(logp, ref_logp, ref_seq, targets.reshape(-1).long(),
-                                        segs, self.cfg, state, use_triton)
+                                        segs, self.cfg, state, backend)
         names = self.cfg.metric_names()
         metrics = {n: vec[i] for i, n in enumerate(names)
                    if not n.startswith("loss/") or n[5:] in self.cfg.loss_types}

@@ -18,9 +18,9 @@ Backends. The ops live in the compiled extension `mpo_fast._C` (torch custom ops
 `torch.ops.mpo_fast.*`, CPU kernels and, when built with nvcc, CUDA kernels; Meta kernels make
 them traceable by torch.compile). Without the extension, or for a device it has no kernel for,
 the same functions run a pure-torch fallback (index_select / index_copy_). `backend()` says
-which one serves CUDA tensors if a GPU is present, else CPU tensors. The environment variable
-MPO_FAST_PACKING=torch (read at import) forces the fallback; every function also takes
-``impl="auto" | "extension" | "torch"``.
+which one serves CUDA tensors if a GPU is present, else CPU tensors. Every function takes
+``backend="auto" | "extension" | "torch"``; with "auto", the environment variable
+MPO_FAST_PACKING=torch|extension (read at every call, see `mpo_fast.backend`) decides.
 
 Host syncs. `pack` reads ``lengths`` on the host once, to size the output and check the values
 (lengths on the CPU cost no device sync at all). Passing ``total=`` (and ``max_seqlen=``) skips
@@ -33,10 +33,11 @@ they check ``cu_seqlens`` values only when it lives on the CPU.
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .backend import CHOICES, requested
 
 try:  # the compiled extension; its import registers torch.ops.mpo_fast.*
     from . import _C
@@ -53,10 +54,7 @@ __all__ = [
     "unpack",
 ]
 
-IMPLS = ("auto", "extension", "torch")
-_FORCED = os.environ.get("MPO_FAST_PACKING", "auto")
-if _FORCED not in IMPLS:
-    raise ValueError(f"MPO_FAST_PACKING must be one of {IMPLS}, got {_FORCED!r}")
+BACKENDS = CHOICES["packing"]
 _EXT_CPU = _C is not None
 _EXT_CUDA = _C is not None and bool(_C.has_cuda())
 _INT32_MAX = 2**31 - 1
@@ -65,7 +63,11 @@ _INT32_MAX = 2**31 - 1
 def backend() -> str:
     """Which implementation packs: ``"cuda"`` (compiled CUDA kernels, used when a GPU is
     present), ``"cpu"`` (compiled CPU kernels) or ``"torch"`` (the pure-torch fallback)."""
-    if _FORCED == "torch" or not _EXT_CPU:
+    return _active()
+
+
+def _active() -> str:  # `backend()` under a name the ``backend=`` arguments do not shadow
+    if requested("packing", "auto") == "torch" or not _EXT_CPU:
         return "torch"
     if _EXT_CUDA and torch.cuda.is_available():
         return "cuda"
@@ -95,23 +97,23 @@ class Packed:
         """S, the number of sequences."""
         return self.cu_seqlens.shape[0] - 1
 
-    def pack_like(self, values: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    def pack_like(self, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """Pack another ``[S, T, *]`` tensor (labels, masks, embeddings) with this layout,
         without reading the lengths again: ``[S, T, *] -> [N, *]``."""
-        return pack_values(values, self.cu_seqlens, self.num_tokens, impl=impl)
+        return pack_values(values, self.cu_seqlens, self.num_tokens, backend=backend)
 
-    def unpack(self, values: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    def unpack(self, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """``[N, *] -> [S, T, *]`` with zeros in the padding (see `unpack`)."""
-        return unpack(values, self.cu_seqlens, self.padded_len, impl=impl)
+        return unpack(values, self.cu_seqlens, self.padded_len, backend=backend)
 
     def shift_targets(self, completion_mask: torch.Tensor, ignore_index: int = -100, *,
-                      impl: str = "auto") -> torch.Tensor:
+                      backend: str = "auto") -> torch.Tensor:
         """`shift_targets` of ``self.tokens``; ``completion_mask`` is packed ``[N]`` or padded
         ``[S, T]`` (then packed with this layout first)."""
         if isinstance(completion_mask, torch.Tensor) and completion_mask.dim() == 2:
-            completion_mask = self.pack_like(completion_mask, impl=impl)
+            completion_mask = self.pack_like(completion_mask, backend=backend)
         return shift_targets(self.tokens, self.cu_seqlens, completion_mask, ignore_index,
-                             impl=impl)
+                             backend=backend)
 
 
 def pack(
@@ -120,7 +122,7 @@ def pack(
     *,
     total: int | None = None,
     max_seqlen: int | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> Packed:
     """Pack a right-padded batch into one flat row.
 
@@ -132,7 +134,7 @@ def pack(
             (no sync at all; on CUDA the values are then not checked).
         max_seqlen: ``max(lengths)`` or an upper bound; defaults to the exact maximum, or to T
             when ``total`` is given for CUDA lengths.
-        impl: ``"auto"``, ``"extension"`` or ``"torch"``.
+        backend: ``"auto"``, ``"extension"`` or ``"torch"``.
 
     Returns:
         `Packed`: tokens ``[N, *]`` (differentiable w.r.t. ``input_ids``; the backward is
@@ -146,7 +148,7 @@ def pack(
     S, T = input_ids.shape[0], input_ids.shape[1]
     lengths = _as_lengths(lengths, S, input_ids.device)
     total, max_seqlen = _output_size(lengths, T, total, max_seqlen)
-    use_ext = _use_extension(input_ids.device, impl)
+    use_ext = _use_extension(input_ids.device, backend)
     if use_ext:
         cu, positions = torch.ops.mpo_fast.seq_index(lengths, T, total)
     else:
@@ -161,7 +163,7 @@ def pack_values(
     total: int,
     *,
     out: torch.Tensor | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Pack ``values [S, T, *]`` with a known layout: ``[S, T, *] -> [total, *]``.
 
@@ -176,7 +178,7 @@ def pack_values(
     total = _check_count("total", total)
     S, T = values.shape[0], values.shape[1]
     _check_cu(cu_seqlens, values.device, "values", S=S, T=T, N=total)
-    use_ext = _use_extension(values.device, impl)
+    use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (total, *values.shape[2:]), values)
         if use_ext:
@@ -193,7 +195,7 @@ def unpack(
     T: int,
     *,
     out: torch.Tensor | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Scatter per-token results back to the padded layout: ``[N, *] -> [S, T, *]``.
 
@@ -206,7 +208,7 @@ def unpack(
         raise ValueError("values must be [N, ...], got a 0-d tensor")
     T = _check_count("T", T)
     S = _check_cu(cu_seqlens, values.device, "values", T=T, N=values.shape[0])
-    use_ext = _use_extension(values.device, impl)
+    use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (S, T, *values.shape[1:]), values)
         if use_ext:
@@ -225,7 +227,7 @@ def shift_targets(
     completion_mask: torch.Tensor,
     ignore_index: int = -100,
     *,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Next-token targets of a packed row, never across a sequence boundary.
 
@@ -267,12 +269,12 @@ def shift_targets(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_cu(cu_seqlens, tokens.device, "tokens", N=tokens.shape[0])
-    if _use_extension(tokens.device, impl):
+    if _use_extension(tokens.device, backend):
         return torch.ops.mpo_fast.shift_targets(tokens, cu_seqlens, completion_mask, ignore_index)
     return _shift_targets_torch(tokens, cu_seqlens, completion_mask, ignore_index)
 
 
-def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]:
+def plan(pair_tokens, max_tokens: int, *, backend: str = "auto") -> list[list[int]]:
     """Group whole preference pairs into micro-batches of at most ``max_tokens`` tokens.
 
     Best-fit decreasing: pairs are taken largest first (ties: lower index first); each goes to
@@ -285,8 +287,8 @@ def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]
         pair_tokens: ``[P]`` tokens of each pair as packed (chosen + rejected lengths), a 1-D
             integer tensor, array or list.
         max_tokens: the token budget of one micro-batch.
-        impl: ``"extension"`` (C++), ``"torch"`` (the Python reference, identical output) or
-            ``"auto"``.
+        backend: ``"extension"`` (C++), ``"torch"`` (the Python reference, identical output)
+            or ``"auto"``.
 
     Returns:
         a list of micro-batches in the order they were opened, each a list of pair indices in
@@ -301,11 +303,9 @@ def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     sizes = _as_pair_tokens(pair_tokens)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    choice = _FORCED if impl == "auto" else impl
+    choice = requested("packing", backend)
     if choice == "extension" and _C is None:
-        raise RuntimeError("impl='extension' but mpo_fast._C is not built")
+        raise RuntimeError("backend='extension' but mpo_fast._C is not built")
     if choice != "torch" and _C is not None:
         return _C.plan(sizes, max_tokens)  # checks the sizes itself, same messages
     return _plan_python(sizes.tolist(), max_tokens)
@@ -440,16 +440,14 @@ def _as_pair_tokens(pair_tokens) -> torch.Tensor:
     return sizes.to(device="cpu", dtype=torch.int64).contiguous()
 
 
-def _use_extension(device: torch.device, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    choice = _FORCED if impl == "auto" else impl
+def _use_extension(device: torch.device, backend: str) -> bool:
+    choice = requested("packing", backend)
     if choice == "torch":
         return False
     available = (device.type == "cpu" and _EXT_CPU) or (device.type == "cuda" and _EXT_CUDA)
     if choice == "extension" and not available:
-        raise RuntimeError(f"impl='extension' but the packing extension has no kernel for "
-                           f"{device.type} tensors (backend() = {backend()!r})")
+        raise RuntimeError(f"backend='extension' but the packing extension has no kernel for "
+                           f"{device.type} tensors (packing.backend() = {_active()!r})")
     return available
 
 
