@@ -13,51 +13,11 @@ autograd on [B]-sized tensors.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from .losses import LOSS_TYPES, METRIC_NAMES, NO_REFERENCE, preference_loss, update_bco_state
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Which tokens belong to which sequence: S = 2B sequences over N flat tokens.
-
-    Padded layout [S, T]: `row_len` = T and sequence s is tokens s*T:(s+1)*T.
-    Packed layout: sequence s is tokens cu_seqlens[s]:cu_seqlens[s+1].
-    """
-
-    cu_seqlens: torch.Tensor  # int32 [S+1], on the tokens' device
-    num_tokens: int
-    row_len: int | None = None
-
-    @classmethod
-    def padded(cls, S: int, T: int, device: torch.device) -> Segments:
-        cu = torch.arange(0, (S + 1) * T, T, device=device, dtype=torch.int32)[: S + 1]
-        return cls(cu, S * T, T)
-
-    @property
-    def num_seqs(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    @functools.cached_property
-    def seq_ids(self) -> torch.Tensor:
-        """[N] sequence index of every token (searchsorted: no host sync)."""
-        tokens = torch.arange(self.num_tokens, device=self.cu_seqlens.device, dtype=torch.int32)
-        return torch.searchsorted(self.cu_seqlens[1:], tokens, right=True)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.row_len is not None:
-            return values.view(self.num_seqs, self.row_len).sum(dim=1)
-        out = values.new_zeros(self.num_seqs)
-        return out.index_add_(0, self.seq_ids, values)
-
-    def broadcast(self, per_seq: torch.Tensor) -> torch.Tensor:
-        if self.row_len is not None:
-            return per_seq[:, None].expand(self.num_seqs, self.row_len).reshape(-1)
-        return per_seq[self.seq_ids]
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ is in `state_dict()` and survives checkpoints.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .epilogue import Epilogue, LossConfig, Segments
+from .epilogue import Epilogue, LossConfig
+from .layout import Segments
 from .logprobs import fused_logprobs, resolve_backend
 from .losses import check_loss_config
 
@@ -130,18 +130,17 @@ class MPOLoss(nn.Module):
         if hidden.dim() != 2 or targets.dim() != 1:
             raise ValueError("packed layout (cu_seqlens given) needs hidden [N, H] and targets "
                              f"[N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or (
-                cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool):
-            raise TypeError("cu_seqlens must be a 1-D integer tensor [2B+1]")
-        if cu_seqlens.device != targets.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, targets on {targets.device}")
-        bounds = cu_seqlens.tolist()  # tiny; one read to validate the layout
-        _check_even(len(bounds) - 1)
         N = targets.shape[0]
-        if bounds[0] != 0 or bounds[-1] != N or any(a > b for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"cu_seqlens must rise from 0 to N={N} (the number of tokens), "
-                             f"got {bounds[:4]}...{bounds[-2:]}")
-        return Segments(cu_seqlens.to(torch.int32).contiguous(), N)
+        if isinstance(cu_seqlens, Segments):  # made by the packer or checked once: no read
+            cu_seqlens.check_tokens(N, targets.device, owner="targets")
+            segs = cu_seqlens
+        else:  # the user's own offsets: checked here, one host read
+            segs = Segments.from_cu_seqlens(cu_seqlens, N, owner="targets")
+            if segs.device != targets.device:
+                raise ValueError(f"cu_seqlens is on {segs.device}, targets on "
+                                 f"{targets.device}")
+        _check_even(segs.num_seqs)
+        return segs
 
     def _reference(self, hidden, targets, B, ref_logps, ref_hidden, ref_weight, ref_bias):
         """(ref token log-probs [N] or None, ref sequence log-probs [2B] or None)."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import CHOICES, requested
+from .layout import Segments, check_cu_seqlens
 
 try:  # the compiled extension; its import registers torch.ops.mpo_fast.*
     from . import _C
@@ -79,23 +80,35 @@ def _active() -> str:  # `backend()` under a name the ``backend=`` arguments do 
 
 @dataclass(frozen=True)
 class Packed:
-    """A packed micro-batch (see the module docstring for shapes)."""
+    """A packed micro-batch (see the module docstring for shapes): the packed ``tokens``, their
+    ``position_ids``, and their layout as a `mpo_fast.layout.Segments` (``cu_seqlens``,
+    ``num_tokens``, ``max_seqlen``), which `MPOLoss` and `mpo_fast.attention` take as is, with
+    no host read."""
 
     tokens: torch.Tensor
-    cu_seqlens: torch.Tensor
     position_ids: torch.Tensor
-    max_seqlen: int
+    segments: Segments
     padded_len: int  # T, the padded length the batch came from
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 ``[S + 1]``: sequence s is packed rows ``cu_seqlens[s] : cu_seqlens[s + 1]``."""
+        return self.segments.cu_seqlens
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest sequence (or the upper bound given to `pack`)."""
+        return self.segments.max_seqlen
 
     @property
     def num_tokens(self) -> int:
         """N, the number of packed tokens."""
-        return self.tokens.shape[0]
+        return self.segments.num_tokens
 
     @property
     def num_seqs(self) -> int:
         """S, the number of sequences."""
-        return self.cu_seqlens.shape[0] - 1
+        return self.segments.num_seqs
 
     def pack_like(self, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """Pack another ``[S, T, *]`` tensor (labels, masks, embeddings) with this layout,
@@ -138,8 +151,9 @@ def pack(
 
     Returns:
         `Packed`: tokens ``[N, *]`` (differentiable w.r.t. ``input_ids``; the backward is
-        `unpack`), cu_seqlens int32 ``[S + 1]``, position_ids int64 ``[N]`` restarting at 0 for
-        every sequence, max_seqlen, padded_len = T.
+        `unpack`), position_ids int64 ``[N]`` restarting at 0 for every sequence, segments
+        (cu_seqlens int32 ``[S + 1]``, num_tokens, max_seqlen; also reachable as
+        ``p.cu_seqlens``, ``p.max_seqlen``, ``p.num_tokens``), padded_len = T.
     """
     _require_tensor("input_ids", input_ids)
     if input_ids.dim() < 2:
@@ -154,7 +168,9 @@ def pack(
     else:
         cu, positions = _seq_index_torch(lengths, T, total)
     tokens = _pack(input_ids, cu, total, use_ext)
-    return Packed(tokens, cu, positions, max_seqlen, T)
+    # trusted: cu comes from lengths checked by _output_size (or clamped to [0, T] by the
+    # kernels when the caller vouched for `total`)
+    return Packed(tokens, positions, Segments(cu, total, max_seqlen), T)
 
 
 def pack_values(
@@ -177,7 +193,8 @@ def pack_values(
                          f"{tuple(values.shape)}")
     total = _check_count("total", total)
     S, T = values.shape[0], values.shape[1]
-    _check_cu(cu_seqlens, values.device, "values", S=S, T=T, N=total)
+    check_cu_seqlens(cu_seqlens, values.device, num_seqs=S, max_len=T, num_tokens=total,
+                     owner="values")
     use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (total, *values.shape[2:]), values)
@@ -207,7 +224,9 @@ def unpack(
     if values.dim() < 1:
         raise ValueError("values must be [N, ...], got a 0-d tensor")
     T = _check_count("T", T)
-    S = _check_cu(cu_seqlens, values.device, "values", T=T, N=values.shape[0])
+    check_cu_seqlens(cu_seqlens, values.device, max_len=T, num_tokens=values.shape[0],
+                     owner="values")
+    S = cu_seqlens.shape[0] - 1
     use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (S, T, *values.shape[1:]), values)
@@ -268,7 +287,7 @@ def shift_targets(
         completion_mask = completion_mask != 0
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_cu(cu_seqlens, tokens.device, "tokens", N=tokens.shape[0])
+    check_cu_seqlens(cu_seqlens, tokens.device, num_tokens=tokens.shape[0], owner="tokens")
     if _use_extension(tokens.device, backend):
         return torch.ops.mpo_fast.shift_targets(tokens, cu_seqlens, completion_mask, ignore_index)
     return _shift_targets_torch(tokens, cu_seqlens, completion_mask, ignore_index)
@@ -379,36 +398,6 @@ def _output_size(lengths: torch.Tensor, T: int, total, max_seqlen) -> tuple[int,
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({longest})")
     return n, (longest if max_seqlen is None else max_seqlen)
-
-
-def _check_cu(cu: torch.Tensor, device: torch.device, owner: str, *, S: int | None = None,
-              T: int | None = None, N: int | None = None) -> int:
-    """Check cu_seqlens (values too when it is on the CPU: no sync); returns S."""
-    _require_tensor("cu_seqlens", cu)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32 (as made by pack), got {cu.dtype}")
-    if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape "
-                         f"{tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"cu_seqlens is on {cu.device} but {owner} is on {device}")
-    if S is not None and cu.shape[0] != S + 1:
-        raise ValueError(f"cu_seqlens has {cu.shape[0]} entries but {owner} has S={S} sequences "
-                         f"(expected S + 1)")
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        c = cu.long()
-        steps = c[1:] - c[:-1]
-        if int(c[0]) != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0, got {int(c[0])}")
-        bad = (steps < 0) if T is None else (steps < 0) | (steps > T)
-        if bool(bad.any()):
-            s = int(bad.nonzero()[0, 0])
-            bound = "non-decreasing" if T is None else f"step by 0..T={T}"
-            raise ValueError(f"cu_seqlens must {bound}, but sequence {s} has "
-                             f"{int(steps[s])} tokens")
-        if N is not None and isinstance(N, int) and int(c[-1]) != N:
-            raise ValueError(f"cu_seqlens[-1] = {int(c[-1])} but {owner} has {N} packed tokens")
-    return cu.shape[0] - 1
 
 
 def _check_out(out, shape: tuple, like: torch.Tensor) -> None:

@@ -12,7 +12,8 @@ import torch
 from conftest import HAS_CUDA, HAS_TRITON
 from reference import rel_err
 
-from mpo_fast.epilogue import LossConfig, Segments, _torch_pair_terms
+from mpo_fast.epilogue import LossConfig, _torch_pair_terms
+from mpo_fast.layout import Segments
 from mpo_fast.losses import LOSS_TYPES
 
 pytestmark = pytest.mark.skipif(
@@ -38,7 +39,7 @@ def test_segment_sums_and_broadcast(with_ref):
     ref = -torch.rand(N, device=DEVICE) * 5 if with_ref else None
     targets = torch.randint(0, 100, (N,), device=DEVICE)
     targets[torch.rand(N, device=DEVICE) < 0.3] = -100
-    segs = Segments(cu, N)
+    segs = Segments.from_cu_seqlens(cu)
     seq, ref_seq, count = k.segment_sums(logp, ref, targets, cu, -100)
     assert rel_err(seq, segs.sum(logp.double())) <= 1e-6
     assert torch.equal(count, segs.sum((targets != -100).float()))
