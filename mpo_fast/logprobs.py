@@ -58,17 +58,33 @@ def fused_logprobs(
     (fp32 dW slab of 8192 x H for half-precision weights).
     """
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+    rows = scored_rows(targets, ignore_index, weight.shape[0])
+    return fused_logprobs_at(hidden, weight, targets, rows, bias, temperature, softcap, backend)
+
+
+def scored_rows(targets: torch.Tensor, ignore_index: int, V: int) -> torch.Tensor:
+    """int64 ``[M]``, ascending: the flat positions of ``targets`` that are not
+    ``ignore_index`` (the only ones that cost FLOPs), after checking those targets are in
+    [0, V). Two host syncs (the range check, then the count M): a caller scoring the same
+    targets several times (policy and reference, token counts) makes them once and passes them
+    to `fused_logprobs_at`."""
+    flat = targets.reshape(-1).long()
+    valid = flat != ignore_index
+    _check_target_range(flat, valid, V, ignore_index)
+    return valid.nonzero().squeeze(1)
+
+
+def fused_logprobs_at(hidden, weight, targets, rows, bias, temperature, softcap, backend):
+    """`fused_logprobs` of inputs already checked by `_check_inputs`, scoring only ``rows``
+    (from `scored_rows` of these targets); every other position gets 0.0."""
     impl = _backend_module(backend, hidden)
-    V, H = weight.shape
+    H = weight.shape[1]
     hidden2d = hidden.reshape(-1, H)
     if hidden2d.numel() and hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     flat = targets.reshape(-1).long()
-    valid = flat != ignore_index
-    _check_target_range(flat, valid, V, ignore_index)
-    rows = valid.nonzero().squeeze(1)
     head = _Head(impl, 1.0 / temperature, softcap)
     args = (hidden2d, weight, bias, rows, flat.index_select(0, rows))
     differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
