@@ -10,6 +10,15 @@ This is the torch implementation (differentiable by autograd). The fused epilogu
 (kernels/loss_epilogue.py) holds the same math in closed form under its own bit constants;
 `mpo_fast.epilogue` maps these names to them, and the tests hold the two to each other and to
 a float64 reference.
+
+The BCO reward shift (the paper's delta) is the running mean of past rewards by default, both
+in `MPOLoss` (a buffer of the module) and in `preference_loss` (the ``bco_state`` you pass and
+keep): ``bco_delta="running_mean"``. ``bco_delta="none"`` gives delta = 0 (TRL >= 0.29, Liger).
+
+Empty completions: a sequence with no completion token has log-prob 0 (probability 1), its
+length counts as 1 in the per-token averages (ipo, orpo), and its pair still counts in the
+batch means; "sft" divides by the real number of chosen tokens. `MPOLoss` refuses a batch with
+no completion token at all.
 """
 
 from __future__ import annotations
@@ -219,6 +228,7 @@ def preference_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     sft_loss: torch.Tensor | None = None,
+    bco_delta: str = "running_mean",
     bco_state: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -234,13 +244,17 @@ def preference_loss(
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (ipo, orpo use them;
             "sft" without ``sft_loss`` is ``-sum(chosen_logps) / sum(chosen_lengths)``).
         sft_loss: the SFT term if computed elsewhere (a token-mean NLL, scalar).
-        bco_state: float64 ``[2]`` (running mean, count) updated in place for "bco_pair"'s
-            reward shift; None means delta = 0.
+        bco_delta: the BCO reward shift, as in `MPOLoss` and with the same default:
+            "running_mean" (the paper's) folds this call's mean reward into ``bco_state`` and
+            uses the updated mean; "none" uses delta = 0.
+        bco_state: float64 ``[2]`` (running mean, count), updated in place; required with
+            "bco_pair" and ``bco_delta="running_mean"`` (make one with `new_bco_state()` and
+            keep it across calls). There is no hidden default state: without one the call
+            raises rather than silently computing a different loss than `MPOLoss` would.
 
     Returns:
         (loss, metrics): the scalar loss and TRL-named metrics as detached 0-dim tensors.
     """
-    bco_delta = "none" if bco_state is None else "running_mean"
     cfg = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta, discopop_tau)
     c, r = chosen_logps, rejected_logps
     if c.dim() != 1 or c.shape != r.shape:
@@ -260,6 +274,14 @@ def preference_loss(
             raise ValueError(f"{needer} needs chosen_lengths and rejected_lengths")
     if sft_loss is None and "sft" in cfg.loss_types and chosen_lengths is None:
         raise ValueError("sft needs sft_loss or chosen_lengths")
+    if "bco_pair" in cfg.loss_types:
+        if cfg.bco_delta == "running_mean" and bco_state is None:
+            raise ValueError(
+                "bco_pair with bco_delta='running_mean' (the paper's reward shift, and "
+                "MPOLoss's default) needs bco_state: pass bco_state=mpo_fast.losses."
+                "new_bco_state() and keep it across calls, or bco_delta='none' for delta = 0")
+        if cfg.bco_delta == "none" and bco_state is not None:
+            raise ValueError("bco_state is only used with bco_delta='running_mean'")
     return combined_loss(cfg, c, r, c0, r0, chosen_lengths, rejected_lengths, sft_loss,
                          bco_state)
 

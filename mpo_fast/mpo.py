@@ -103,22 +103,28 @@ class MPOLoss(nn.Module):
 
         Layouts:
             padded  hidden [2B, T, H], targets [2B, T], no cu_seqlens.
-            packed  hidden [N, H], targets [N], and cu_seqlens: the `Segments` of `mpo_fast.packing.pack` (``p.segments``, used
+            packed  hidden [N, H] (or a model's [1, N, H]), targets [N] (or [1, N]), and
+                    cu_seqlens: the `Segments` of `mpo_fast.packing.pack` (``p.segments``, used
                     with no host read) or int32 offsets [2B+1] (checked: one host read).
-        Targets are shifted; prompt/image/pad positions are ignore_index.
+        Targets are shifted; prompt/image/pad positions are ignore_index. At least one target
+        in the batch must be a completion token; a sequence with none has log-prob 0 (see
+        `mpo_fast.losses`).
 
         Reference: `ref_logps=(ref_chosen [B], ref_rejected [B])`, or reference hidden states
         (same layout as hidden) with the reference head `ref_weight` (and `ref_bias`). ORPO
         and SFT need no reference.
         """
-        if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError("hidden and targets must be tensors")
+        hidden, targets, ref_hidden = _packed_row(hidden, targets, ref_hidden, cu_seqlens)
         segs = self._segments(hidden, targets, cu_seqlens)
         B = segs.num_seqs // 2
         head = self.head_config
         _check_inputs(hidden, weight, targets, bias, head.ignore_index, head.temperature,
                       head.softcap)
         rows = scored_rows(targets, head.ignore_index, weight.shape[0])  # the one mask
+        if rows.numel() == 0:
+            raise ValueError(f"no completion tokens: every target is ignore_index="
+                             f"{head.ignore_index}, so there is nothing to score (are the "
+                             "targets shifted and the completions unmasked?)")
         logp = self._logprobs(hidden, weight, targets, rows, bias).reshape(-1)
         ref_logp, ref_seq = self._reference(hidden, weight, targets, rows, B, ref_logps,
                                             ref_hidden, ref_weight, ref_bias)
@@ -146,8 +152,9 @@ class MPOLoss(nn.Module):
             _check_even(S)
             return Segments.padded(S, T, targets.device)
         if hidden.dim() != 2 or targets.dim() != 1:
-            raise ValueError("packed layout (cu_seqlens given) needs hidden [N, H] and targets "
-                             f"[N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+            raise ValueError("packed layout (cu_seqlens given) needs hidden [N, H] (or "
+                             f"[1, N, H]) and targets [N], got {tuple(hidden.shape)} and "
+                             f"{tuple(targets.shape)}")
         N = targets.shape[0]
         if isinstance(cu_seqlens, Segments):  # valid by construction: no host read
             cu_seqlens.check_tokens(N, targets.device, owner="targets")
@@ -191,6 +198,19 @@ class MPOLoss(nn.Module):
         with torch.no_grad():
             ref = self._logprobs(ref_hidden, ref_weight, targets, rows, ref_bias)
         return ref.reshape(-1), None
+
+
+def _packed_row(hidden, targets, ref_hidden, cu_seqlens):
+    """A model's packed row [1, N, H] (and targets [1, N]) as [N, H] and [N]."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("hidden and targets must be tensors")
+    if cu_seqlens is None or hidden.dim() != 3 or hidden.shape[0] != 1:
+        return hidden, targets, ref_hidden
+    if targets.dim() == 2 and targets.shape[0] == 1:
+        targets = targets[0]
+    if ref_hidden is not None and ref_hidden.dim() == 3 and ref_hidden.shape[0] == 1:
+        ref_hidden = ref_hidden[0]
+    return hidden[0], targets, ref_hidden
 
 
 def _check_even(S: int) -> None:

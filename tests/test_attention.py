@@ -212,3 +212,31 @@ def test_cuda_varlen_kernels_match_masked_sdpa(backend):
     out = attention.varlen_attention(q, k, v, cu, 300, backend=backend)
     ref = attention.varlen_attention(q.float(), k.float(), v.float(), cu, backend="sdpa")
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_packed_model_output_goes_straight_into_the_loss():
+    """pack -> packed attention -> MPOLoss on the model's [1, N, H], with the packer's
+    Segments, equals MPOLoss on the padded batch run through the "sdpa" model."""
+    from mpo_fast import MPOLoss
+
+    model, reference = tiny_models("llama")
+    B, T = 2, 12
+    ids = torch.randint(0, 97, (2 * B, T))
+    lengths = torch.randint(4, T + 1, (2 * B,))
+    position = torch.arange(T)[None, :]
+    real = position < lengths[:, None]
+    completion = real & (position >= 2)  # the first two tokens of every sequence: the prompt
+    p = packing.pack(ids, lengths)
+    targets = p.shift_targets(completion)
+    ref = (-torch.rand(B) * 30, -torch.rand(B) * 30)
+    with torch.no_grad():
+        hidden = model.model(**attention.model_inputs(p)).last_hidden_state
+        assert hidden.shape == (1, p.num_tokens, 64)
+        padded = reference.model(input_ids=ids, attention_mask=real).last_hidden_state
+    weight = model.lm_head.weight.detach()
+    out = MPOLoss()(hidden, weight, targets, cu_seqlens=p.segments, ref_logps=ref)
+    padded_targets = p.unpack(targets, backend="torch")
+    padded_targets[~real] = -100
+    want = MPOLoss()(padded, weight, padded_targets, ref_logps=ref)
+    torch.testing.assert_close(out.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)

@@ -93,3 +93,58 @@ def test_ignore_index_is_not_range_checked():
 def test_empty_input():
     out = call(hidden=torch.randn(0, H), targets=torch.zeros(0, dtype=torch.long))
     assert out.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# MPOLoss: the errors a new user met first
+
+
+def mpo_batch(B=2, T=6):
+    hidden = torch.randn(2 * B, T, H)
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[:, :2] = -100  # prompt
+    return hidden, torch.randn(V, H), targets
+
+
+def test_lengths_passed_as_cu_seqlens_say_what_offsets_are():
+    hidden, weight, targets = mpo_batch()
+    lengths = torch.tensor([5, 7, 6, 6], dtype=torch.int32)  # sum = 24 = N, but not offsets
+    ph, pt = hidden.reshape(-1, H), targets.reshape(-1)
+    with pytest.raises(ValueError, match=r"cumulative offsets starting at 0.*"
+                       r"torch\.nn\.functional\.pad\(lengths\.cumsum\(0\), \(1, 0\)\)"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(ph, weight, pt, cu_seqlens=lengths)
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # the fix
+    out = mpo_fast.MPOLoss(loss_types=("sft",))(ph, weight, pt, cu_seqlens=offsets)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_completion_tokens_is_an_error(layout):
+    hidden, weight, targets = mpo_batch()
+    targets[:] = -100
+    kwargs = {}
+    if layout == "packed":
+        hidden, targets = hidden.reshape(-1, H), targets.reshape(-1)
+        kwargs["cu_seqlens"] = mpo_fast.Segments.padded(4, 6)
+    with pytest.raises(ValueError, match="no completion tokens: every target is "
+                                         "ignore_index=-100"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(hidden, weight, targets, **kwargs)
+
+
+def test_cu_seqlens_of_another_type():
+    hidden, weight, targets = mpo_batch()
+    with pytest.raises(TypeError, match=r"cu_seqlens must be a Segments \(packing.pack"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(hidden.reshape(-1, H), weight,
+                                              targets.reshape(-1), cu_seqlens=[0, 6, 12, 18])
+
+
+def test_preference_loss_asks_for_the_bco_shift_explicitly():
+    c, r = -torch.rand(3) * 10, -torch.rand(3) * 10
+    with pytest.raises(ValueError, match=r"needs bco_state: pass bco_state=mpo_fast\.losses\."
+                                         r"new_bco_state\(\) .* or bco_delta='none'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",))
+    with pytest.raises(ValueError, match="bco_state is only used with bco_delta='running_mean'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",), bco_delta="none",
+                                 bco_state=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bco_delta must be 'running_mean' or 'none'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",), bco_delta="ema")
