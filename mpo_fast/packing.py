@@ -8,6 +8,8 @@ the B rejected ones, pair i = (i, B + i)) becomes one flat row of N = sum(length
     p.cu_seqlens    int32 [S + 1]    cu_seqlens[s] = first packed row of sequence s, [S] = N
     p.position_ids  int64 [N]        0, 1, ..., len(s) - 1 for every sequence s
     p.max_seqlen    int              longest sequence (for the varlen attention kernels)
+    p.segments      Segments         the three above as one `mpo_fast.layout.Segments`: pass it
+                                     to MPOLoss(cu_seqlens=...) and attention, no host read
     unpack(values, p.cu_seqlens, T) [N, *] -> [S, T, *], zeros in the padding
 
 `pack` and `unpack` move data only: every backend gives bit-identical results, and each is the
