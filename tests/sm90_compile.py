@@ -143,15 +143,14 @@ def epilogue_variants(quick: bool):
     seg = {"Logp": "*fp32", "RefLogp": "*fp32", "Targets": "*i64", "Cu": "*i32", "Seq": "*fp32",
            "RefSeq": "*fp32", "Count": "*fp32", "ignore_index": "i32", "G": "*fp32",
            "Out": "*fp32", "Ref": "*fp32", "Delta": "*fp32", "W": "*fp32", "Loss": "*fp32",
-           "Metrics": "*fp32", "TermMetrics": "*fp32", "Coef": "*fp32", "B": "i32",
+           "Metrics": "*fp32", "TermMetrics": "*fp32", "Coef": "*fp32", "B": "i32", "N": "i32",
            "beta": "fp32", "e": "fp32", "tau": "fp32", "orpo_cap": "fp32"}
     values = {name: "ptr" for name, t in seg.items() if t.startswith("*")}
     block = {"BLOCK": loss_epilogue.TOKEN_BLOCK}
     yield ("segment_sums", loss_epilogue._segment_sums_kernel, seg, values,
            {"HAS_REF": True, **block})
     yield ("broadcast", loss_epilogue._broadcast_kernel, seg, values, block)
-    every_type = (1 << len(loss_epilogue.TYPE_BITS)) - 1
-    every_type &= ~sum(1 << loss_epilogue.TYPE_BITS.index(t) for t in loss_epilogue.UNSUPPORTED)
+    every_type = loss_epilogue.ALL_TERMS
     for block_b in (16,) if quick else (16, loss_epilogue.MAX_PAIRS):
         yield ("pair_terms", loss_epilogue._pair_terms_kernel, seg, values,
                {"TYPES": every_type, "BLOCK_B": block_b})
