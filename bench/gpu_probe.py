@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import mpo_fast
+from bench import measure
 from mpo_fast.kernels import configs, logprob_backward, logprob_forward
 
 SHAPES = [(16384, 4096, 151646), (8192, 2304, 256000)]  # the issue's two MPO-head shapes
@@ -52,41 +53,16 @@ def record(key: str, value, out: Path) -> None:
 
 
 def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+    measure.sync(torch.device(DEV))
 
 
 def cuda_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median milliseconds of fn() over CUDA events (a host clock on the CPU dry run)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        if DEV != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of fn() (CUDA events; a host clock on the CPU dry run)."""
+    return measure.time_ms(fn, torch.device(DEV), warmup=warmup, repeats=repeats)
 
 
 def peak_mib(fn) -> float:
-    if DEV != "cuda":
-        fn()
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return measure.peak_extra_bytes(fn, torch.device(DEV)) / 2**20
 
 
 def card(out: Path) -> dict:
