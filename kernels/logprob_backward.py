@@ -1,52 +1,61 @@
-"""Backward kernel: recompute each logits tile and reduce its gradient into dH, dW and db.
+"""Backward: per vocab slab, a kernel recomputes the logits and writes their gradient dZ; two
+cuBLAS products turn dZ into dH and dW. No atomics, deterministic.
 
 With upstream gradient g_m = dL/dlogp_m and p_mv = exp(z_mv - lse_m):
 
     dz_mv = g_m * (1[v == y_m] - p_mv)
     da_mv = dz_mv * (1 - tanh^2(a_mv / softcap)) / T      (softcap optional; T = temperature)
-    dH[r_m] += sum_v da_mv w_v       dW[v] += sum_m da_mv h_{r_m}       db[v] += sum_m da_mv
+    dH[r_m] = sum_v da_mv w_v       dW[v] = sum_m da_mv h_{r_m}       db[v] = sum_m da_mv
 
-Nothing of size [N, V] exists: a program owns one (BLOCK_N tokens x BLOCK_V vocab) tile,
-recomputes its logits (same fp32 math as the forward), forms `da` in registers, then streams H
-in BLOCK_K slices and adds its two partial products into the gradients.
+For each slab of S vocab rows [v0, v0 + S):
 
-How the reductions are done, and why: dH[r] sums over all vocab tiles and dW[v] over all token
-tiles. A register-resident accumulator of either would be [BLOCK, H] (H up to 8192: far too
-big), and splitting into a dH kernel and a dW kernel would recompute every logits tile twice
-(10NHV instead of 8NHV FLOPs). So both are fp32 `atomic_add`s into fp32 buffers (fp32
-accumulation whatever the input dtype; the launcher casts at the end). Programs are ordered
-in groups of GROUP_N token blocks sweeping the same vocab tiles, so W tiles are reused from L2.
+    1. `_logit_grad_kernel` (one program per BLOCK_N x BLOCK_V tile of the [M, S] slab):
+       recompute the logits tile (same fp32 math as the forward), form `da` in registers,
+       store it in the input dtype into the workspace DA [M, S] and its column sums (db) as
+       per-token-block fp32 partials [M / BLOCK_N, S].
+    2. dH_rows += DA @ W[v0:v0+S]      (cuBLAS, fp32 accumulator [M, H] across slabs)
+    3. dW[v0:v0+S] = DA^T @ H_rows     (cuBLAS; the whole sum over tokens in one product, so
+                                        it is written once, in the weight dtype, no fp32 copy)
 
-Memory: dH accumulates in fp32 [N, H] (the fp32 form of hidden's gradient). dW accumulates in
-fp32 only for a *slab* of at most `slab_rows` vocab rows at a time (the launcher runs one
-launch per slab and casts it into the output), so for bf16 weights the extra fp32 buffer is
-bounded by slab_rows * H * 4 bytes whatever V is; for fp32 weights the output is the buffer.
+FLOPs: 2MHV per product, 6MHV for the backward (recompute + two products), all on tensor
+cores for half-precision inputs. Storing `da` in bf16/fp16 rounds it to 8/11 bits before the
+products, as any half-precision matmul does; accumulation stays fp32.
+
+Workspace: DA is M x S in the input dtype, S = the largest multiple of 256 vocab rows with
+M * S * itemsize <= MPO_FAST_WORKSPACE_MB (default 256 MiB), at least 256 rows, at most V
+(rounded up to 256).
+Beyond it: the fp32 dH accumulator [M, H], the gathered hidden rows [M, H] when some positions
+are ignored (M < N), and the db partials [M / BLOCK_N, S] fp32.
+
+Program order in step 1: GROUP_N consecutive token blocks visit the same vocab tile, so each
+weight tile is read from DRAM about once per group.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import autotuned, dot_precision, logits_tile, must_upcast, tanh
+from . import configs
+from .tl_utils import dot_precision, interpreting, logits_tile, must_upcast, tanh
+
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+_SLAB_ALIGN = 256
 
 
-@triton.jit
-def _logprob_bwd_kernel(
-    H_ptr, W_ptr, B_ptr, Rows_ptr, Y_ptr, LSE_ptr, G_ptr,
-    GH_ptr, GW_ptr, GB_ptr,
-    M, V, Hdim, stride_h, stride_w, stride_gh, stride_gw,
-    v_begin, v_count,
+@triton.jit(do_not_specialize=["M", "v_count"])
+def _logit_grad_kernel(
+    H_ptr, W_ptr, B_ptr, Y_ptr, LSE_ptr, G_ptr, DA_ptr, DB_ptr,
+    M, Hdim, stride_h, stride_w, stride_da, v_begin, v_count,
     inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GH: tl.constexpr, COMPUTE_GW: tl.constexpr, COMPUTE_GB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped program order: GROUP_N consecutive token blocks visit the same vocab tile.
     pid = tl.program_id(0)
     num_n = tl.cdiv(M, BLOCK_N)
     num_v = tl.cdiv(v_count, BLOCK_V)
@@ -56,77 +65,52 @@ def _logprob_bwd_kernel(
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < M
-    rows = tl.load(Rows_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     y = tl.load(Y_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE_ptr + offs_n, mask=n_mask, other=0.0)
     g = tl.load(G_ptr + offs_n, mask=n_mask, other=0.0)
 
-    slab_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    slab_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_v = v_begin + slab_v
     v_mask = slab_v < v_count
 
-    a = logits_tile(H_ptr, rows, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, B_ptr,
+    a = logits_tile(H_ptr, offs_n, n_mask, stride_h, W_ptr, offs_v, v_mask, stride_w, B_ptr,
                     Hdim, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
+    onehot = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
     if HAS_SOFTCAP:
-        t = tanh(a / softcap)
-        z = softcap * t * inv_temp
+        # dz/da = 1 - tanh^2 = 1 - (z / (softcap / T))^2: a function of z alone, so only one
+        # fp32 tile is live (holding tanh as a second tile spills at 128 x 256).
+        z = softcap * tanh(a / softcap) * inv_temp
+        u = z * (1.0 / (softcap * inv_temp))
+        da = g[:, None] * (onehot - tl.exp(z - lse[:, None])) * (inv_temp * (1.0 - u * u))
     else:
         z = a * inv_temp
-    p = tl.exp(z - lse[:, None])
-    da = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p) * inv_temp
-    if HAS_SOFTCAP:
-        da = da * (1.0 - t * t)
-    da = tl.where(n_mask[:, None] & v_mask[None, :], da, 0.0)
-
-    if COMPUTE_GB:
-        tl.atomic_add(GB_ptr + slab_v, tl.sum(da, axis=0), mask=v_mask)
-    if UPCAST:
-        da_op = da
-    else:
-        da_op = da.to(H_ptr.dtype.element_ty)  # tensor-core operand in the input dtype
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, Hdim, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < Hdim
-        if COMPUTE_GH:
-            w = tl.load(W_ptr + offs_v[:, None] * stride_w + k[None, :],
-                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(da_op, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(GH_ptr + rows[:, None] * stride_gh + k[None, :], dh,
-                          mask=n_mask[:, None] & k_mask[None, :])
-        if COMPUTE_GW:
-            h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(da_op), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(GW_ptr + slab_v[:, None] * stride_gw + k[None, :], dw,
-                          mask=v_mask[:, None] & k_mask[None, :])
+        da = g[:, None] * (onehot - tl.exp(z - lse[:, None])) * inv_temp
+    mask = n_mask[:, None] & v_mask[None, :]
+    da = tl.where(mask, da, 0.0)
+    # DA holds fewer than 2^31 elements (the launcher checks): 32-bit offsets keep the
+    # [BLOCK_N, BLOCK_V] address tile at one register per element.
+    da_offs = (offs_n.to(tl.int32) * stride_da)[:, None] + slab_v.to(tl.int32)[None, :]
+    tl.store(DA_ptr + da_offs, da.to(DA_ptr.dtype.element_ty), mask=mask)
+    if NEED_DB:
+        tl.store(DB_ptr + pid_n.to(tl.int64) * stride_da + slab_v, tl.sum(da, axis=0),
+                 mask=v_mask)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": 64, "GROUP_N": 8},
-                  num_warps=w, num_stages=s)
-    for bn, bv, w, s in [(64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
-]
-_FIXED = triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2})
-_launch = None
-
-# Default vocab slab for the fp32 dW accumulator of half-precision weights: 8192 rows,
-# i.e. 8192 * H * 4 bytes (128 MiB at H = 4096).
-SLAB_ROWS = 8192
+def workspace_bytes() -> int:
+    mb = os.environ.get("MPO_FAST_WORKSPACE_MB")
+    return int(float(mb) * 2**20) if mb else DEFAULT_WORKSPACE_BYTES
 
 
-def _autotune_kwargs() -> dict:
-    # The kernel accumulates into its outputs, so autotuning must not leave its trial runs in
-    # them. `restore_value` (Triton >= 3.0) snapshots and restores the buffers.
-    if "restore_value" in inspect.signature(triton.autotune).parameters:
-        return {"restore_value": ["GH_ptr", "GW_ptr", "GB_ptr"]}
-    return {"reset_to_zero": ["GH_ptr", "GW_ptr", "GB_ptr"]}
+def slab_rows(M: int, V: int, itemsize: int) -> int:
+    """Vocab rows per slab: the DA workspace M x S x itemsize fits the budget (module doc).
+
+    Always a multiple of 256 (the last slab is shorter), so DA's row stride never changes the
+    kernel's specialization and every batch shape reuses one compiled kernel.
+    """
+    s = workspace_bytes() // max(1, M * itemsize) // _SLAB_ALIGN * _SLAB_ALIGN
+    return min(triton.cdiv(V, _SLAB_ALIGN) * _SLAB_ALIGN, max(_SLAB_ALIGN, s))
 
 
 def backward(
@@ -140,55 +124,97 @@ def backward(
     inv_temp: float,
     softcap: float | None,
     needs: tuple[bool, bool, bool],
-    slab_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (d hidden [N, H], d weight [V, H], d bias [V]) in the input dtypes, or None
     where `needs` (hidden, weight, bias) is False. `grad` is dL/dlogp for the M rows, fp32."""
-    global _launch
-    if _launch is None:
-        _launch = autotuned(_logprob_bwd_kernel, _CONFIGS, key=["V", "Hdim"], fixed=_FIXED,
-                            **_autotune_kwargs())
     need_h, need_w, need_b = needs
-    slab_rows = slab_rows or SLAB_ROWS
     M, (V, Hdim) = rows.numel(), weight.shape
-    dev = hidden.device
-    gh = torch.zeros((hidden.shape[0], Hdim), device=dev, dtype=torch.float32) if need_h else None
-    gw = torch.zeros((V, Hdim), device=dev, dtype=weight.dtype) if need_w else None
-    gb = torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None
+    dev, dtype = hidden.device, hidden.dtype
     if M == 0 or not any(needs):
-        return _cast(gh, hidden.dtype), gw, _cast(gb, weight.dtype)
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        return gh, gw, gb
 
-    direct_w = weight.dtype == torch.float32  # accumulate straight into the output
-    slab = V if direct_w else min(slab_rows, V)
-    gw_slab = None
-    if need_w and not direct_w:
-        gw_slab = torch.empty((slab, Hdim), device=dev, dtype=torch.float32)
-    upcast, precision = must_upcast(hidden.dtype), dot_precision(hidden.dtype)
-    for v0 in range(0, V, slab):
-        count = min(slab, V - v0)
-        if gw_slab is not None:
-            gw_slab.zero_()
-        gw_buf = gw[v0:] if direct_w and need_w else gw_slab
-        placeholder = lse  # any fp32 tensor: pointer of a disabled output
-        _launch(
-            lambda meta, count=count: (
-                triton.cdiv(M, meta["BLOCK_N"]) * triton.cdiv(count, meta["BLOCK_V"]),),
-            hidden, weight, bias if bias is not None else weight, rows, targets, lse, grad,
-            gh if need_h else placeholder,
-            gw_buf if need_w else placeholder,
-            gb[v0:] if need_b else placeholder,
-            M, V, Hdim, hidden.stride(0), weight.stride(0),
-            Hdim, Hdim,
-            v0, count,
-            inv_temp, softcap or 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            COMPUTE_GH=need_h, COMPUTE_GW=need_w, COMPUTE_GB=need_b,
-            UPCAST=upcast, DOT_PRECISION=precision,
-        )
-        if gw_slab is not None:
-            gw[v0:v0 + count].copy_(gw_slab[:count])
-    return _cast(gh, hidden.dtype), gw, _cast(gb, weight.dtype)
+    all_rows = M == hidden.shape[0]  # rows = arange(N): every position counts
+    h_rows = hidden if all_rows else hidden.index_select(0, rows)
+    S = slab_rows(M, V, hidden.element_size())
+    if M * S >= 2**31:
+        raise ValueError(f"{M} tokens x {S} vocab rows overflow the 32-bit workspace offsets; "
+                         "lower MPO_FAST_WORKSPACE_MB or split the batch")
+    da = torch.empty((M, S), device=dev, dtype=dtype)
+    gh = torch.zeros((M, Hdim), device=dev, dtype=torch.float32) if need_h else None
+    gw = torch.empty_like(weight) if need_w else None
+    gb = torch.empty(V, device=dev, dtype=torch.float32) if need_b else None
+    flags = (bias is not None, softcap is not None, need_b)
+
+    def run(cfg: configs.TileConfig, v0: int = 0) -> None:
+        count = min(S, V - v0)
+        db = buffers.get(cfg)
+        if need_b and db is None:
+            db = buffers[cfg] = torch.empty((triton.cdiv(M, cfg.block_n), S), device=dev,
+                                            dtype=torch.float32)
+        _launch_logit_grad(cfg, h_rows, weight, bias, targets, lse, grad, da, db, v0, count,
+                           inv_temp, softcap)
+
+    buffers: dict[configs.TileConfig, torch.Tensor] = {}
+    cfg = configs.choose("backward", dtype, M, Hdim, V, flags, dev, run)
+    for v0 in range(0, V, S):
+        count = min(S, V - v0)
+        run(cfg, v0)
+        block = da[:, :count]
+        if need_h:
+            _accumulate_mm(gh, block, weight[v0:v0 + count])
+        if need_w:
+            torch.mm(block.T, h_rows, out=gw[v0:v0 + count])
+        if need_b:
+            torch.sum(buffers[cfg][:, :count], dim=0, out=gb[v0:v0 + count])
+
+    if need_h:
+        gh = gh.to(dtype) if all_rows else torch.zeros_like(hidden).index_copy_(
+            0, rows, gh.to(dtype))
+    return gh, gw, None if gb is None else gb.to(weight.dtype)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+def _launch_logit_grad(cfg, h_rows, weight, bias, targets, lse, grad, da, db, v0, count,
+                       inv_temp, softcap):
+    M, Hdim = h_rows.shape
+    grid = (triton.cdiv(M, cfg.block_n) * triton.cdiv(count, cfg.block_v),)
+    _logit_grad_kernel[grid](
+        h_rows, weight, bias if bias is not None else weight, targets, lse, grad, da,
+        db if db is not None else lse,
+        M, Hdim, h_rows.stride(0), weight.stride(0), da.stride(0), v0, count,
+        inv_temp, softcap or 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_DB=db is not None,
+        UPCAST=must_upcast(h_rows.dtype), DOT_PRECISION=dot_precision(h_rows.dtype),
+        GROUP_N=cfg.group_n, **cfg.launch_kwargs(),
+    )
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, with fp32 accumulation whatever the operands' dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_mm_has_out_dtype():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS, beta = 1
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b))  # older torch: the product is rounded to the input dtype
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+@functools.cache
+def _cuda_mm_has_out_dtype() -> bool:
+    """torch >= 2.8 can add a half-precision product into an fp32 matrix in place (cuBLAS
+    with fp32 output); checked once on a small case, since older builds lack the overload."""
+    if interpreting():
+        return False
+    try:
+        a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(32, 48, device="cuda", dtype=torch.bfloat16)
+        acc = torch.randn(64, 48, device="cuda")
+        want = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False

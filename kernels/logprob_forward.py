@@ -10,11 +10,15 @@ For each non-ignored token m (hidden row r_m, target y_m):
 
 Parallelism: a program owns BLOCK_N tokens and one contiguous *split* of the vocabulary, so
 the grid is (token blocks) x (vocab splits) and fills the GPU even when few tokens are left.
-Each split writes its partial (lse, zy) to a [splits, M] fp32 buffer; the launcher folds the
-splits with a logsumexp and a sum (O(M) memory, no locks, deterministic).
+By default the token block varies fastest: the programs resident at one time sweep the same
+few weight panels (kernels/configs.py has the measured alternatives). Each split writes its partial (lse, zy) to a [splits, M] fp32
+buffer; the launcher folds the splits with a logsumexp and a sum (O(M) memory, no locks,
+deterministic).
 
-Block sizes: BLOCK_N x BLOCK_V is the fp32 logits tile kept in registers (64-128 x 128-256
-on Hopper); BLOCK_K is the slice of H streamed per `tl.dot` (64: a 128-byte bf16 row segment).
+Block sizes (kernels/configs.py says which and why): BLOCK_N x BLOCK_V is the fp32 logits tile
+kept in registers (128 x 256 bf16 on Hopper); BLOCK_K is the slice of H streamed per `tl.dot`
+(64: a 128-byte bf16 row segment). The token count M is not specialized on, so a new batch
+size never recompiles.
 """
 
 from __future__ import annotations
@@ -23,27 +27,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (
-    autotuned,
-    dot_precision,
-    logits_tile,
-    multiprocessor_count,
-    must_upcast,
-    tanh,
-)
+from . import configs
+from .tl_utils import dot_precision, logits_tile, multiprocessor_count, must_upcast, tanh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _logprob_fwd_kernel(
     H_ptr, W_ptr, B_ptr, Rows_ptr, Y_ptr, LSE_ptr, ZY_ptr,
     M, V, Hdim, stride_h, stride_w, v_per_split,
     inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_FASTEST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    if SPLIT_FASTEST:
+        pid_s = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < M
     rows = tl.load(Rows_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -72,24 +74,16 @@ def _logprob_fwd_kernel(
     tl.store(ZY_ptr + out, zy, mask=n_mask)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": 64}, num_warps=w, num_stages=s)
-    for bn, bv, w, s in [
-        (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3), (128, 64, 4, 4),
-    ]
-]
-_FIXED = triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16})
-_launch = None
-
 # Splits are rounded to this many columns so every split is a whole number of vocab tiles.
 _SPLIT_ALIGN = 256
 
 
-def _vocab_splits(M: int, V: int, device: torch.device) -> int:
-    """Enough (token block x vocab split) programs to fill every SM a few times over."""
+def vocab_splits(M: int, V: int, cfg: configs.TileConfig, device: torch.device) -> int:
+    """At least cfg.min_splits, and enough (split x 64-token block) programs to fill every SM
+    four times over; never splits thinner than 4 aligned tiles."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
     token_blocks = max(1, triton.cdiv(M, 64))
-    want = triton.cdiv(4 * sms, token_blocks)
+    want = max(cfg.min_splits, triton.cdiv(4 * sms, token_blocks))
     return max(1, min(want, triton.cdiv(V, 4 * _SPLIT_ALIGN)))
 
 
@@ -106,24 +100,34 @@ def forward(
 
     hidden [N, H] and weight [V, H] must have unit stride along H.
     """
-    global _launch
-    if _launch is None:
-        _launch = autotuned(_logprob_fwd_kernel, _CONFIGS, key=["V", "Hdim"], fixed=_FIXED)
     M, (V, Hdim) = rows.numel(), weight.shape
-    splits = _vocab_splits(M, V, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    splits = triton.cdiv(V, v_per_split)
-    lse = torch.empty((splits, M), device=hidden.device, dtype=torch.float32)
-    zy = torch.empty_like(lse)
-    if M > 0:
-        _launch(
-            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), splits),
+    if M == 0:
+        empty = torch.empty(0, device=hidden.device, dtype=torch.float32)
+        return empty, empty.clone()
+    buffers = {}
+
+    def run(cfg: configs.TileConfig):
+        splits = vocab_splits(M, V, cfg, hidden.device)
+        v_per_split = triton.cdiv(triton.cdiv(V, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+        splits = triton.cdiv(V, v_per_split)
+        lse = torch.empty((splits, M), device=hidden.device, dtype=torch.float32)
+        zy = torch.empty_like(lse)
+        blocks = triton.cdiv(M, cfg.block_n)
+        grid = (splits, blocks) if cfg.split_fastest else (blocks, splits)
+        _logprob_fwd_kernel[grid](
             hidden, weight, bias if bias is not None else weight, rows, targets, lse, zy,
             M, V, Hdim, hidden.stride(0), weight.stride(0), v_per_split,
             inv_temp, softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             UPCAST=must_upcast(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
+            SPLIT_FASTEST=cfg.split_fastest, **cfg.launch_kwargs(),
         )
-    if splits == 1:
+        buffers["out"] = (lse, zy)
+
+    flags = (bias is not None, softcap is not None)
+    cfg = configs.choose("forward", hidden.dtype, M, Hdim, V, flags, hidden.device, run)
+    run(cfg)
+    lse, zy = buffers["out"]
+    if lse.shape[0] == 1:
         return lse[0], zy[0]
     return torch.logsumexp(lse, dim=0), zy.sum(dim=0)

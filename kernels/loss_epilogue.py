@@ -3,18 +3,23 @@
 Three small kernels, in the order they run, none of which syncs with the host:
 
 1. `_segment_sums_kernel` (one program per sequence s, tokens cu[s]:cu[s+1]):
-       seq[s] = sum_t logp[t],  ref[s] = sum_t ref_logp[t],  count[s] = #{t: target[t] != ignore}
+       seq[s] = sum_t logp[t],  ref[s] = sum_t ref_logp[t]
 2. `_pair_terms_kernel` (ONE program for the whole batch, pairs (i, B + i) in lanes): every
-   closed-form loss of mpo_fast.losses (all but the batch-sorting aot / aot_pair), weighted and
-   averaged, the TRL metrics, and the per-sequence gradient coefficients
+   loss term whose bit is set in TYPES (all closed-form; a batch sort has no kernel here),
+   weighted and averaged, the preference metrics, and the per-sequence gradient coefficients
        coef[i] = dL/dc_i,  coef[B + i] = dL/dr_i
    in closed form (derivations beside each term). One program sees every pair, so the batch
-   means, the SFT token count and the BCO shift need no second pass. B is at most a few
-   thousand pairs; BLOCK_B = next power of two >= B keeps them all in registers.
+   means, the SFT token count and the BCO shift need no second pass. B is at most MAX_PAIRS;
+   BLOCK_B = next power of two >= B keeps them all in registers.
 3. `_broadcast_kernel` (backward, one program per sequence): grad_logp[t] = g[s] for t in s,
    where g = dL_total/dseq (coef * upstream grad, plus any gradient on the sequence log-probs).
 
-Notation as in mpo_fast/losses.py: zc = c - c0, zr = r - r0, u = beta (zc - zr), s = sigmoid,
+This file knows no loss names: the caller maps its names to the bit constants below, passes
+the weights indexed by bit and reads the output vector by the slot constants. Offsets are
+clamped to [0, N], so offsets that overrun the tokens never read or write out of bounds.
+
+Notation: c, r = chosen / rejected sequence log-probs, c0, r0 the reference's, L_c, L_r their
+completion token counts, zc = c - c0, zr = r - r0, u = beta (zc - zr), s = sigmoid,
 ls = logsigmoid, e = label smoothing, delta = BCO reward shift.
 """
 
@@ -24,49 +29,70 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import LOSS_TYPES, METRIC_NAMES, ORPO_MAX_AVG_LOGP
+# Term bits: bit K of the TYPES constexpr turns term K on; its weight is W[K] and its batch mean
+# goes to out[NUM_METRICS + K]. Each is tested by name in _pair_terms_kernel (kernels read
+# only tl.constexpr globals; int(SIGMOID) is the plain number).
+SIGMOID = tl.constexpr(0)  # -(1-e) ls(u) - e ls(-u)
+HINGE = tl.constexpr(1)  # relu(1 - u)
+IPO = tl.constexpr(2)  # (zc/L_c - zr/L_r - 1/(2 beta))^2
+ROBUST = tl.constexpr(3)  # (-(1-e) ls(u) + e ls(-u)) / (1 - 2e)
+BCO_PAIR = tl.constexpr(4)  # -ls(beta zc - delta) - ls(-(beta zr - delta))
+SPPO_HARD = tl.constexpr(5)  # (zc - 1/(2 beta))^2 + (zr + 1/(2 beta))^2
+NCA_PAIR = tl.constexpr(6)  # -ls(beta zc) - ls(-beta zc)/2 - ls(-beta zr)/2
+EXO_PAIR = tl.constexpr(7)  # s(u)(ls(u) - log(1-e)) + s(-u)(ls(-u) - log e)
+APO_ZERO = tl.constexpr(8)  # 1 - s(beta zc) + s(beta zr)
+APO_DOWN = tl.constexpr(9)  # s(beta zc) + 1 - s(u)
+DISCOPOP = tl.constexpr(10)  # (1 - m)(-ls(u)) + m exp(-u), m = s(u / tau)
+ORPO = tl.constexpr(11)  # -beta ls(log-odds of the average log-probs c/L_c vs r/L_r)
+SFT = tl.constexpr(12)  # -sum(c) / (chosen completion tokens in the batch): one scalar
+NUM_TERMS = 13
+ALL_TERMS = (1 << NUM_TERMS) - 1
 
-# Bit k of TYPES selects LOSS_TYPES[k]; the metrics vector is METRIC_NAMES (stored in that
-# order below), then one "loss/<type>" per LOSS_TYPES entry.
-TYPE_BITS = LOSS_TYPES
-# _pair_terms_kernel tests these bit positions by number: a reordered table must fail here.
-assert TYPE_BITS == ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
-                     "aot", "aot_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "orpo",
-                     "sft"), TYPE_BITS
-UNSUPPORTED = frozenset({"aot", "aot_pair"})  # need a batch sort: the torch path does them
-NUM_METRICS = len(METRIC_NAMES)
+# Slots of the output vector before the NUM_TERMS term means (batch means over pairs).
+REWARDS_CHOSEN = tl.constexpr(0)  # beta zc
+REWARDS_REJECTED = tl.constexpr(1)  # beta zr
+REWARDS_ACCURACIES = tl.constexpr(2)  # zc > zr
+REWARDS_MARGINS = tl.constexpr(3)  # u
+LOGPS_CHOSEN = tl.constexpr(4)  # c
+LOGPS_REJECTED = tl.constexpr(5)  # r
+NLL = tl.constexpr(6)  # the SFT term, also when it is not weighted in
+DELTA = tl.constexpr(7)  # the BCO shift used
+NUM_METRICS = 8
+
 MAX_PAIRS = 8192
 TOKEN_BLOCK = 1024  # tokens per step in the segment kernels: one coalesced fp32 vector
 
 
 @triton.jit
-def _segment_sums_kernel(Logp, RefLogp, Targets, Cu, Seq, RefSeq, Count, ignore_index,
+def _bounds(Cu, s, N):
+    """Tokens [start, end) of sequence s, clamped to [0, N]."""
+    start = tl.maximum(tl.minimum(tl.load(Cu + s), N), 0).to(tl.int64)
+    end = tl.maximum(tl.minimum(tl.load(Cu + s + 1), N), 0).to(tl.int64)
+    return start, end
+
+
+@triton.jit
+def _segment_sums_kernel(Logp, RefLogp, Cu, Seq, RefSeq, N,
                          HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
-    start = tl.load(Cu + s).to(tl.int64)
-    end = tl.load(Cu + s + 1).to(tl.int64)
+    start, end = _bounds(Cu, s, N)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     ref_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    cnt = tl.zeros((BLOCK,), dtype=tl.float32)
     for t0 in range(start, end, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
         m = offs < end
         acc += tl.load(Logp + offs, mask=m, other=0.0)
-        tgt = tl.load(Targets + offs, mask=m, other=ignore_index)
-        cnt += tl.where(m & (tgt != ignore_index), 1.0, 0.0)
         if HAS_REF:
             ref_acc += tl.load(RefLogp + offs, mask=m, other=0.0)
     tl.store(Seq + s, tl.sum(acc, axis=0))
-    tl.store(Count + s, tl.sum(cnt, axis=0))
     if HAS_REF:
         tl.store(RefSeq + s, tl.sum(ref_acc, axis=0))
 
 
 @triton.jit
-def _broadcast_kernel(G, Cu, Out, BLOCK: tl.constexpr):
+def _broadcast_kernel(G, Cu, Out, N, BLOCK: tl.constexpr):
     s = tl.program_id(0)
-    start = tl.load(Cu + s).to(tl.int64)
-    end = tl.load(Cu + s + 1).to(tl.int64)
+    start, end = _bounds(Cu, s, N)
     g = tl.load(G + s)
     for t0 in range(start, end, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
@@ -100,11 +126,11 @@ def _expm1(x):
 
 
 @triton.jit
-def _add_term(k: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, gc, gr):
-    """Record term k's mean, add w_k * mean to the total, w_k / B * d/dz to the coefficients."""
+def _add_term(K: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, gc, gr):
+    """Record term K's mean, add w_K * mean to the total, w_K / B * d/dz to the coefficients."""
     term = tl.sum(tl.where(m, loss, 0.0), axis=0) * inv_b
-    w = tl.load(W + k)
-    tl.store(TermMetrics + k, term)
+    w = tl.load(W + K)
+    tl.store(TermMetrics + K, term)
     return total + w * term, gc + w * inv_b * dzc, gr + w * inv_b * dzr
 
 
@@ -114,6 +140,7 @@ def _pair_terms_kernel(
     B, beta, e, tau, orpo_cap,
     TYPES: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    types = tl.constexpr(TYPES)  # (a plain int under the interpreter: `>>` needs a constexpr)
     i = tl.arange(0, BLOCK_B)
     m = i < B
     c = tl.load(Seq + i, mask=m, other=0.0)
@@ -133,66 +160,69 @@ def _pair_terms_kernel(
     gc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     gr = tl.zeros((BLOCK_B,), dtype=tl.float32)
     # Terms in u: dl/dzc = beta dl/du, dl/dzr = -beta dl/du.
-    if (TYPES >> 0) & 1:  # sigmoid: -(1-e) ls(u) - e ls(-u)
+    if (types >> SIGMOID) & 1:
         du = -(1.0 - e) * _sig(-u) + e * _sig(u)
-        total, gc, gr = _add_term(0, -(1.0 - e) * _ls(u) - e * _ls(-u), beta * du, -beta * du,
+        loss = -(1.0 - e) * _ls(u) - e * _ls(-u)
+        total, gc, gr = _add_term(SIGMOID, loss, beta * du, -beta * du,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 1) & 1:  # hinge: relu(1 - u)
+    if (types >> HINGE) & 1:
         du = tl.where(u < 1.0, -1.0, 0.0)
-        total, gc, gr = _add_term(1, tl.maximum(1.0 - u, 0.0), beta * du, -beta * du,
+        total, gc, gr = _add_term(HINGE, tl.maximum(1.0 - u, 0.0), beta * du, -beta * du,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 2) & 1:  # ipo: x^2, x = zc/L_c - zr/L_r - 1/(2 beta)
+    if (types >> IPO) & 1:  # x^2, x = zc/L_c - zr/L_r - 1/(2 beta)
         x = zc / lc - zr / lr - half_inv_beta
-        total, gc, gr = _add_term(2, x * x, 2.0 * x / lc, -2.0 * x / lr,
+        total, gc, gr = _add_term(IPO, x * x, 2.0 * x / lc, -2.0 * x / lr,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 3) & 1:  # robust: (-(1-e) ls(u) + e ls(-u)) / (1 - 2e)
+    if (types >> ROBUST) & 1:
         du = (-(1.0 - e) * _sig(-u) - e * _sig(u)) / (1.0 - 2.0 * e)
         loss = (-(1.0 - e) * _ls(u) + e * _ls(-u)) / (1.0 - 2.0 * e)
-        total, gc, gr = _add_term(3, loss, beta * du, -beta * du,
+        total, gc, gr = _add_term(ROBUST, loss, beta * du, -beta * du,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 4) & 1:  # bco_pair: -ls(a) - ls(-b), a = beta zc - delta, b = beta zr - delta
+    if (types >> BCO_PAIR) & 1:  # -ls(a) - ls(-b), a = beta zc - delta, b = beta zr - delta
         a = beta * zc - delta
         b = beta * zr - delta
-        total, gc, gr = _add_term(4, -_ls(a) - _ls(-b), -beta * _sig(-a), beta * _sig(b),
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 5) & 1:  # sppo_hard: (zc - h)^2 + (zr + h)^2, h = 1/(2 beta)
+        total, gc, gr = _add_term(BCO_PAIR, -_ls(a) - _ls(-b), -beta * _sig(-a),
+                                  beta * _sig(b), m, W, TermMetrics, inv_b, total, gc, gr)
+    if (types >> SPPO_HARD) & 1:  # (zc - h)^2 + (zr + h)^2, h = 1/(2 beta)
         xc = zc - half_inv_beta
         xr = zr + half_inv_beta
-        total, gc, gr = _add_term(5, xc * xc + xr * xr, 2.0 * xc, 2.0 * xr,
+        total, gc, gr = _add_term(SPPO_HARD, xc * xc + xr * xr, 2.0 * xc, 2.0 * xr,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 6) & 1:  # nca_pair: -ls(a) - ls(-a)/2 - ls(-b)/2, a = beta zc, b = beta zr
+    if (types >> NCA_PAIR) & 1:  # -ls(a) - ls(-a)/2 - ls(-b)/2, a = beta zc, b = beta zr
         a = beta * zc
         b = beta * zr
         loss = -_ls(a) - 0.5 * _ls(-a) - 0.5 * _ls(-b)
-        total, gc, gr = _add_term(6, loss, beta * (0.5 * _sig(a) - _sig(-a)), 0.5 * beta * _sig(b),
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 9) & 1:  # exo_pair: s(u)(ls(u) - log(1-e)) + s(-u)(ls(-u) - log e)
+        total, gc, gr = _add_term(NCA_PAIR, loss, beta * (0.5 * _sig(a) - _sig(-a)),
+                                  0.5 * beta * _sig(b), m, W, TermMetrics, inv_b, total, gc, gr)
+    if (types >> EXO_PAIR) & 1:
         # d/du = s(u) s(-u) (u - log(1-e) + log e)
         log_1me = tl.log(1.0 - e)
         log_e = tl.log(e)
         loss = _sig(u) * (_ls(u) - log_1me) + _sig(-u) * (_ls(-u) - log_e)
         du = _sig(u) * _sig(-u) * (u - log_1me + log_e)
-        total, gc, gr = _add_term(9, loss, beta * du, -beta * du,
+        total, gc, gr = _add_term(EXO_PAIR, loss, beta * du, -beta * du,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 10) & 1:  # apo_zero: 1 - s(beta zc) + s(beta zr)
+    if (types >> APO_ZERO) & 1:
         sa = _sig(beta * zc)
         sb = _sig(beta * zr)
-        total, gc, gr = _add_term(10, 1.0 - sa + sb, -beta * sa * (1.0 - sa),
+        total, gc, gr = _add_term(APO_ZERO, 1.0 - sa + sb, -beta * sa * (1.0 - sa),
                                   beta * sb * (1.0 - sb), m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 11) & 1:  # apo_down: s(beta zc) + 1 - s(u)
+    if (types >> APO_DOWN) & 1:
         sa = _sig(beta * zc)
         su = _sig(u)
-        total, gc, gr = _add_term(11, sa + 1.0 - su, beta * (sa * (1.0 - sa) - su * (1.0 - su)),
-                                  beta * su * (1.0 - su), m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 12) & 1:  # discopop: (1 - mu) (-ls(u)) + mu exp(-u), mu = s(u / tau)
+        dzc = beta * (sa * (1.0 - sa) - su * (1.0 - su))
+        total, gc, gr = _add_term(APO_DOWN, sa + 1.0 - su, dzc, beta * su * (1.0 - su),
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
+    if (types >> DISCOPOP) & 1:  # mu = s(u / tau)
         # d/du = mu (1-mu)/tau ls(u) - (1-mu) s(-u) + mu exp(-u) ((1-mu)/tau - 1)
         mu = _sig(u / tau)
         mexp = tl.exp(_ls(u / tau) - u)  # mu exp(-u) without inf * 0
         loss = (1.0 - mu) * -_ls(u) + mexp
-        du = mu * (1.0 - mu) / tau * _ls(u) - (1.0 - mu) * _sig(-u) + mexp * ((1.0 - mu) / tau - 1.0)
-        total, gc, gr = _add_term(12, loss, beta * du, -beta * du,
+        du = (mu * (1.0 - mu) / tau * _ls(u) - (1.0 - mu) * _sig(-u)
+              + mexp * ((1.0 - mu) / tau - 1.0))
+        total, gc, gr = _add_term(DISCOPOP, loss, beta * du, -beta * du,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
-    if (TYPES >> 13) & 1:  # orpo: -beta ls(lo), lo = a - b - log(-expm1 a) + log(-expm1 b)
+    if (types >> ORPO) & 1:  # -beta ls(lo), lo = a - b - log(-expm1 a) + log(-expm1 b)
         # a = c/L_c and b = r/L_r capped at orpo_cap (no gradient past the cap);
         # d lo/da = -1/expm1(a), d lo/db = 1/expm1(b)
         a_raw = c / lc
@@ -205,78 +235,76 @@ def _pair_terms_kernel(
         dlo = -beta * _sig(-lo)
         dc = tl.where(a_raw <= orpo_cap, dlo * (-1.0 / ema) / lc, 0.0)
         dr = tl.where(b_raw <= orpo_cap, dlo * (1.0 / emb) / lr, 0.0)
-        total, gc, gr = _add_term(13, -beta * _ls(lo), dc, dr, m, W, TermMetrics, inv_b, total, gc, gr)
+        total, gc, gr = _add_term(ORPO, -beta * _ls(lo), dc, dr,
+                                  m, W, TermMetrics, inv_b, total, gc, gr)
 
     # SFT: -(sum of chosen token log-probs) / (chosen tokens in the batch); also the nll metric.
     tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
     nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
-    if (TYPES >> 14) & 1:
-        w = tl.load(W + 14)
-        tl.store(TermMetrics + 14, nll)
+    if (types >> SFT) & 1:
+        w = tl.load(W + SFT)
+        tl.store(TermMetrics + SFT, nll)
         total += w * nll
         gc += -w / tokens
 
     tl.store(Loss, total)
-    tl.store(Metrics + 0, tl.sum(tl.where(m, beta * zc, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 1, tl.sum(tl.where(m, beta * zr, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 2, tl.sum(tl.where(m & (zc > zr), 1.0, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 3, tl.sum(tl.where(m, u, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 4, tl.sum(tl.where(m, c, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 5, tl.sum(tl.where(m, r, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + 6, nll)
-    tl.store(Metrics + 7, delta)
+    tl.store(Metrics + REWARDS_CHOSEN, tl.sum(tl.where(m, beta * zc, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + REWARDS_REJECTED, tl.sum(tl.where(m, beta * zr, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + REWARDS_ACCURACIES,
+             tl.sum(tl.where(m & (zc > zr), 1.0, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + REWARDS_MARGINS, tl.sum(tl.where(m, u, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + LOGPS_CHOSEN, tl.sum(tl.where(m, c, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + LOGPS_REJECTED, tl.sum(tl.where(m, r, 0.0), axis=0) * inv_b)
+    tl.store(Metrics + NLL, nll)
+    tl.store(Metrics + DELTA, delta)
     tl.store(Coef + i, gc, mask=m)
     tl.store(Coef + B + i, gr, mask=m)
 
 
-def segment_sums(logp, ref_logp, targets, cu_seqlens, ignore_index):
-    """(seq [S], ref_seq [S] or None, count [S]) fp32 for the S sequences of `cu_seqlens`."""
+def segment_sums(logp, ref_logp, cu_seqlens, num_tokens):
+    """(seq [S], ref_seq [S] or None) fp32: the sums over the S sequences of ``cu_seqlens``
+    (int32 [S + 1]) of ``logp`` (and ``ref_logp``), fp32 [num_tokens]."""
     S = cu_seqlens.numel() - 1
     seq = torch.empty(S, device=logp.device, dtype=torch.float32)
-    count = torch.empty_like(seq)
     ref_seq = torch.empty_like(seq) if ref_logp is not None else None
-    _segment_sums_kernel[(S,)](
-        logp, ref_logp if ref_logp is not None else logp, targets, cu_seqlens,
-        seq, ref_seq if ref_seq is not None else seq, count, ignore_index,
-        HAS_REF=ref_logp is not None, BLOCK=TOKEN_BLOCK)
-    return seq, ref_seq, count
+    if S:
+        _segment_sums_kernel[(S,)](
+            logp, ref_logp if ref_logp is not None else logp, cu_seqlens, seq,
+            ref_seq if ref_seq is not None else seq, num_tokens,
+            HAS_REF=ref_logp is not None, BLOCK=TOKEN_BLOCK)
+    return seq, ref_seq
 
 
 def broadcast(g, cu_seqlens, num_tokens):
-    """[N] fp32 with g[s] on every token of sequence s."""
-    out = torch.empty(num_tokens, device=g.device, dtype=torch.float32)
-    _broadcast_kernel[(g.numel(),)](g, cu_seqlens, out, BLOCK=TOKEN_BLOCK)
+    """[num_tokens] fp32 with g[s] on every token of sequence s (zeros past cu_seqlens[-1])."""
+    out = torch.zeros(num_tokens, device=g.device, dtype=torch.float32)
+    if g.numel():
+        _broadcast_kernel[(g.numel(),)](g, cu_seqlens, out, num_tokens, BLOCK=TOKEN_BLOCK)
     return out
 
 
-def encode_types(loss_types, loss_weights) -> tuple[int, list[float]]:
-    """(TYPES bit mask, per-bit weights) for `_pair_terms_kernel`."""
-    if set(loss_types) & UNSUPPORTED:
-        raise ValueError(f"the fused epilogue has no {sorted(UNSUPPORTED)}: use the torch path")
-    weights = [0.0] * len(TYPE_BITS)
-    mask = 0
-    for name, w in zip(loss_types, loss_weights, strict=True):
-        k = TYPE_BITS.index(name)
-        weights[k] = float(w)
-        mask |= 1 << k
-    return mask, weights
+def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoothing, tau,
+               orpo_cap):
+    """(loss [], out [NUM_METRICS + NUM_TERMS], coef [2B]) for the batch, fp32.
 
-
-def pair_terms(seq, ref_seq, count, delta, types, type_weights, beta, label_smoothing, tau):
-    """(loss [], metrics [NUM_METRICS + len(TYPE_BITS)], coef [2B]) for the batch, fp32.
-
-    `types`, `type_weights` come from `encode_types` (weights as an fp32 tensor already on the
-    device: a host-to-device copy here would sync); `delta` is a 0-dim device tensor.
+    ``seq``, ``ref_seq``, ``count`` are fp32 [2B] (chosen then rejected); ``delta`` a 1-element
+    device tensor; ``types`` an int of term bits (a subset of ALL_TERMS); ``term_weights`` fp32
+    [NUM_TERMS] on the device, indexed by bit (a host-to-device copy here would sync);
+    ``orpo_cap`` the largest average log-prob ORPO takes (log(1 - exp(a)) needs a < 0).
+    ``out`` holds the metrics at their slots, then each term's batch mean at NUM_METRICS + bit
+    (NaN for terms that are off).
     """
     B = seq.numel() // 2
     if B > MAX_PAIRS:
         raise ValueError(f"the fused epilogue takes at most {MAX_PAIRS} pairs, got {B}")
+    if types & ~ALL_TERMS:
+        raise ValueError(f"types has bits outside ALL_TERMS={ALL_TERMS:#x}: {types:#x}")
     dev = seq.device
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    metrics = torch.full((NUM_METRICS + len(TYPE_BITS),), float("nan"), device=dev)
+    out = torch.full((NUM_METRICS + NUM_TERMS,), float("nan"), device=dev)
     coef = torch.empty(2 * B, device=dev, dtype=torch.float32)
     _pair_terms_kernel[(1,)](
-        seq, ref_seq, count, delta, type_weights, loss, metrics, metrics[NUM_METRICS:], coef,
-        B, float(beta), float(label_smoothing), float(tau), ORPO_MAX_AVG_LOGP,
+        seq, ref_seq, count, delta, term_weights, loss, out, out[NUM_METRICS:], coef,
+        B, float(beta), float(label_smoothing), float(tau), float(orpo_cap),
         TYPES=types, BLOCK_B=max(16, triton.next_power_of_2(B)))
-    return loss, metrics, coef
+    return loss, out, coef

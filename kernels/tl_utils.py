@@ -32,27 +32,6 @@ def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def autotuned(kernel, configs, key, fixed, **autotune_kwargs):
-    """`kernel` autotuned over `configs` on a GPU; under the interpreter (where autotune has
-    no driver) the `fixed` config's meta-parameters are bound instead.
-
-    Returns a callable `launch(grid, *args, **kwargs)`; `grid` may use the chosen META.
-    """
-    if interpreting():
-        def launch(grid, *args, **kwargs):
-            meta = dict(fixed.kwargs)
-            g = grid(meta) if callable(grid) else grid
-            return kernel[g](*args, **kwargs, **meta)
-
-        return launch
-    tuned = triton.autotune(configs=configs, key=key, **autotune_kwargs)(kernel)
-
-    def launch(grid, *args, **kwargs):
-        return tuned[grid](*args, **kwargs)
-
-    return launch
-
-
 @triton.jit
 def tanh(x):
     # 1 - 2 / (exp(2x) + 1) saturates to +-1 without NaN (exp overflow to inf gives 1).
@@ -70,21 +49,23 @@ def logits_tile(
 ):
     """acc[BLOCK_N, BLOCK_V] = hidden[rows, :] @ weight[offs_v, :].T (+ bias[offs_v]), in fp32.
 
-    `rows` and `offs_v` are int64, so row * stride never wraps at 2^31 elements.
+    `rows` and `offs_v` are int64, so row * stride never wraps at 2^31 elements; the two tile
+    pointers are formed once and advanced by BLOCK_K (no per-slice 64-bit index math).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_ptr + offs_v[:, None] * stride_w + offs_k[None, :]
     for k0 in range(0, Hdim, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < Hdim
-        h = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + k[None, :],
-                    mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+        k_mask = (k0 + offs_k) < Hdim
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=v_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     return acc

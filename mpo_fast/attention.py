@@ -14,11 +14,17 @@ that can serve the call:
 For Hugging Face models, `register()` adds ``packed_attention_forward`` to
 ``transformers.AttentionInterface`` under the name ``"mpo_fast_packed"``:
 
-    from mpo_fast import attention, packing
+    from mpo_fast import MPOLoss, attention, packing
     attention.register()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="mpo_fast_packed")
     p = packing.pack(input_ids, lengths)                 # [S, T] -> one row of N tokens
-    out = model(**attention.model_inputs(p))             # logits / hidden [1, N, ...]
+    out = model.model(**attention.model_inputs(p))       # last_hidden_state [1, N, H]
+    targets = p.shift_targets(completion_mask)           # [N]
+    loss = MPOLoss()(out.last_hidden_state, model.lm_head.weight, targets,
+                     cu_seqlens=p.segments, ref_logps=(ref_chosen, ref_rejected)).loss
+
+`MPOLoss` takes the model's ``[1, N, H]`` as it comes (the batch dimension of one is the
+packed row), and ``p.segments`` without reading it back from the GPU.
 
 `model_inputs` passes ``position_ids`` (restarting at 0 per sequence, for the rotary
 embeddings) and the packer's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers'
@@ -40,9 +46,16 @@ import functools
 import importlib.util
 import inspect
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from .backend import CHOICES, requested
+from .layout import Segments, check_cu_seqlens
+
+if TYPE_CHECKING:
+    from .packing import Packed
 
 __all__ = [
     "ATTENTION_NAME",
@@ -54,7 +67,7 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "mpo_fast_packed"
-IMPLS = ("auto", "flash_attn", "varlen", "sdpa")
+BACKENDS = CHOICES["attention"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -67,30 +80,33 @@ def register(name: str = ATTENTION_NAME) -> str:
     return name
 
 
-def attention_kwargs(packed) -> dict:
-    """The keyword arguments that carry a `Packed` batch's boundaries to every layer."""
+def attention_kwargs(segments: Segments | Packed) -> dict:
+    """The keyword arguments that carry a batch's boundaries (a `Segments`, or the `Packed`
+    batch that carries one) to every layer: flash-attention's ``cu_seqlens`` + ``max_seqlen``
+    under transformers' FlashAttentionKwargs names."""
+    segs = _segments_of(segments)
     return {
-        "cu_seq_lens_q": packed.cu_seqlens,
-        "cu_seq_lens_k": packed.cu_seqlens,
-        "max_length_q": packed.max_seqlen,
-        "max_length_k": packed.max_seqlen,
+        "cu_seq_lens_q": segs.cu_seqlens,
+        "cu_seq_lens_k": segs.cu_seqlens,
+        "max_length_q": segs.max_seqlen,
+        "max_length_k": segs.max_seqlen,
     }
 
 
-def model_inputs(packed) -> dict:
+def model_inputs(packed: Packed) -> dict:
     """Model inputs for a `Packed` batch as one row: ``input_ids`` ``[1, N]`` (or
     ``inputs_embeds`` ``[1, N, H]`` when the packed tokens are embeddings), ``position_ids``
     ``[1, N]`` and `attention_kwargs`."""
     key = "input_ids" if packed.tokens.dim() == 1 else "inputs_embeds"
     return {key: packed.tokens.unsqueeze(0), "position_ids": packed.position_ids.unsqueeze(0),
-            **attention_kwargs(packed)}
+            **attention_kwargs(packed.segments)}
 
 
 def varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Segments,
     max_seqlen: int | None = None,
     *,
     scale: float | None = None,
@@ -98,46 +114,55 @@ def varlen_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     dropout: float = 0.0,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention inside each packed sequence; zero attention across boundaries.
 
     Args:
         query: ``[N, Hq, D]``; key: ``[N, Hkv, D]``; value: ``[N, Hkv, Dv]`` with Hq a
             multiple of Hkv (grouped-query attention).
-        cu_seqlens: int32 ``[S + 1]``, sequence s is rows ``cu_seqlens[s] .. cu_seqlens[s+1]``;
-            rows past ``cu_seqlens[-1]`` (if any) form one more sequence.
-        max_seqlen: longest sequence (an upper bound is fine); only the varlen kernels need
-            it, and computing it when it is None costs a host sync.
+        cu_seqlens: a `Segments` (from `mpo_fast.packing.pack(...).segments`: its offsets,
+            max_seqlen and cached sequence ids are used as they are), or int32 ``[S + 1]``
+            offsets: sequence s is rows ``cu_seqlens[s] .. cu_seqlens[s+1]``; rows past
+            ``cu_seqlens[-1]`` (if any) form one more sequence.
+        max_seqlen: longest sequence (an upper bound is fine) when ``cu_seqlens`` is a tensor;
+            only the varlen kernels need it, and computing it when it is None costs a host
+            sync.
         scale: score scale, default ``1 / sqrt(D)``.
         causal: token i sees tokens j <= i of its own sequence (else the whole sequence).
         sliding_window: if set, token i sees only j with ``i - j < sliding_window``
             (transformers' convention).
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the softmax.
         dropout: attention dropout probability (training).
-        impl: ``"auto"``, ``"flash_attn"``, ``"varlen"`` or ``"sdpa"`` (see the module doc).
+        backend: ``"auto"``, ``"flash_attn"``, ``"varlen"`` or ``"sdpa"`` (see the module
+            doc).
 
     Returns:
         ``[N, Hq, Dv]`` in the dtype of ``query``.
     """
-    _check_qkv(query, key, value, cu_seqlens)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    segs = cu_seqlens if isinstance(cu_seqlens, Segments) else None
+    if segs is not None:
+        cu_seqlens, max_seqlen = segs.cu_seqlens, segs.max_seqlen
+    _check_qkv(query, key, value, cu_seqlens, trusted=segs is not None)
+    backend = requested("attention", backend)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     args = (query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap,
             dropout)
-    if impl == "auto":
-        impl = _pick(*args)
-    if impl == "flash_attn":
+    if backend == "auto":
+        backend = _pick(*args)
+    if backend == "flash_attn":
         return _flash_attn(*args)
-    if impl == "varlen":
+    if backend == "varlen":
         if not _varlen_can_serve(*args):
-            raise ValueError("impl='varlen' cannot serve this call (needs CUDA fp16/bf16, "
+            raise ValueError("backend='varlen' cannot serve this call (needs CUDA fp16/bf16, "
                              "no dropout or softcap, and a torch with varlen_attn)")
         return _torch_varlen(*args)
-    seq_ids = _seq_ids_from_cu(cu_seqlens, query.shape[0])
+    if segs is not None and segs.num_tokens == query.shape[0]:
+        seq_ids = segs.seq_ids  # cached on the Segments: made once for every layer
+    else:
+        seq_ids = _seq_ids_from_cu(cu_seqlens, query.shape[0])
     return _masked_attention(query, key, value, seq_ids, scale, causal, sliding_window, softcap,
                              dropout)
 
@@ -184,8 +209,16 @@ def packed_attention_forward(
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_qkv(q, k, v, cu):
-    for name, t in (("query", q), ("key", k), ("value", v), ("cu_seqlens", cu)):
+def _segments_of(layout) -> Segments:
+    segs = getattr(layout, "segments", layout)
+    if not isinstance(segs, Segments):
+        raise TypeError(f"expected a mpo_fast.layout.Segments or a packing.Packed batch, got "
+                        f"{type(layout).__name__}")
+    return segs
+
+
+def _check_qkv(q, k, v, cu, trusted: bool):
+    for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -197,12 +230,11 @@ def _check_qkv(q, k, v, cu):
     if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads "
                          f"({k.shape[1]}) and head dims must match ({q.shape[2]} vs {k.shape[2]})")
-    if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
-        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {cu.dtype} "
-                        f"{tuple(cu.shape)}")
-    if cu.device != q.device or k.device != q.device or v.device != q.device:
-        raise ValueError(f"query, key, value and cu_seqlens must share a device, got "
-                         f"{q.device}, {k.device}, {v.device}, {cu.device}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"query, key and value must share a device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    # values are read only on the CPU (no sync), and never for the packer's Segments
+    check_cu_seqlens(cu, q.device, owner="query", read="never" if trusted else "cpu")
 
 
 def _boundaries(position_ids, B: int, L: int, device) -> tuple[torch.Tensor, int | None]:
@@ -285,9 +317,8 @@ def _varlen_can_serve(q, k, v, cu, max_seqlen, scale, causal, window, softcap,
 def _flash_attn(q, k, v, cu, max_seqlen, scale, causal, window, softcap, dropout):
     fn = _flash_attn_fn()
     if fn is None:
-        raise ValueError("impl='flash_attn' but flash-attn is not installed")
+        raise ValueError("backend='flash_attn' but flash-attn is not installed")
     m = _max_seqlen(cu, max_seqlen)
-    cu = cu.to(torch.int32)
     extra = {} if softcap is None else {"softcap": float(softcap)}
     return fn(q, k, v, cu, cu, m, m, dropout_p=dropout, softmax_scale=scale, causal=causal,
               window_size=_window(causal, window), **extra)
@@ -296,7 +327,6 @@ def _flash_attn(q, k, v, cu, max_seqlen, scale, causal, window, softcap, dropout
 def _torch_varlen(q, k, v, cu, max_seqlen, scale, causal, window, softcap, dropout):
     fn, params = _varlen_fn()
     m = _max_seqlen(cu, max_seqlen)
-    cu = cu.to(torch.int32)
     kw = {}
     if "window_size" in params:
         kw["window_size"] = _window(causal, window)

@@ -1,125 +1,114 @@
 """From per-token log-probs to the combined loss, and the loss's gradient back to the tokens.
 
     forward   seq[s] = sum of token log-probs of sequence s (policy; reference too when given
-              per token), count[s] = its completion tokens; then the pair terms (loss,
-              metrics, coef[s] = dL/dseq[s]); the BCO running mean is updated in between.
+              per token); then the pair terms (loss, metrics, coef[s] = dL/dseq[s]) from the
+              sequence sums and the completion token counts; the BCO running mean is updated
+              in between.
     backward  dL/dlogp[t] = upstream * coef[s(t)] (+ any gradient on the returned seq[s]).
 
-Every step stays on the device (no host sync). On CUDA the three steps are the Triton kernels
-of `mpo_fast.kernels.loss_epilogue`; elsewhere (and for the batch-sorting aot losses) they are
-torch ops, with the pair terms from `mpo_fast.losses.preference_loss` differentiated by
-autograd on [B]-sized tensors.
+Every step stays on the device (no host sync). With backend "triton" the three steps are the
+kernels of kernels/loss_epilogue.py (the batch-sorting aot losses use the torch pair terms);
+with "torch" they are torch ops, the pair terms from `mpo_fast.losses.combined_loss`
+differentiated by autograd on [B]-sized tensors.
+
+The kernel file knows no loss names; `kernel_bits` and `kernel_metric_slots` below are the one
+map from this package's names to its bit and slot constants.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .losses import LOSS_TYPES, METRIC_NAMES, NO_REFERENCE, preference_loss, update_bco_state
+from .layout import Segments
+from .losses import ORPO_MAX_AVG_LOGP, LossConfig, combined_loss, update_bco_state
+
+
+@functools.cache
+def _kernels():
+    from .kernels import loss_epilogue
+
+    return loss_epilogue
+
+
+def kernel_bits() -> dict[str, int]:
+    """loss_type -> its term bit in the fused epilogue. Types without one ("aot", "aot_pair":
+    a batch sort) run the torch pair terms."""
+    k = _kernels()
+    bits = {"sigmoid": k.SIGMOID, "hinge": k.HINGE, "ipo": k.IPO, "robust": k.ROBUST,
+            "bco_pair": k.BCO_PAIR, "sppo_hard": k.SPPO_HARD, "nca_pair": k.NCA_PAIR,
+            "exo_pair": k.EXO_PAIR, "apo_zero": k.APO_ZERO, "apo_down": k.APO_DOWN,
+            "discopop": k.DISCOPOP, "orpo": k.ORPO, "sft": k.SFT}
+    return {name: int(bit) for name, bit in bits.items()}
+
+
+def kernel_metric_slots() -> dict[str, int]:
+    """metric name -> its slot in the fused epilogue's output vector."""
+    k = _kernels()
+    slots = {"rewards/chosen": k.REWARDS_CHOSEN, "rewards/rejected": k.REWARDS_REJECTED,
+             "rewards/accuracies": k.REWARDS_ACCURACIES, "rewards/margins": k.REWARDS_MARGINS,
+             "logps/chosen": k.LOGPS_CHOSEN, "logps/rejected": k.LOGPS_REJECTED,
+             "nll_loss": k.NLL, "bco/delta": k.DELTA}
+    return {name: int(slot) for name, slot in slots.items()}
 
 
 @dataclass(frozen=True)
-class Segments:
-    """Which tokens belong to which sequence: S = 2B sequences over N flat tokens.
+class _KernelLayout:
+    """A LossConfig in the kernel's terms, on one device (made once: no per-call copy)."""
 
-    Padded layout [S, T]: `row_len` = T and sequence s is tokens s*T:(s+1)*T.
-    Packed layout: sequence s is tokens cu_seqlens[s]:cu_seqlens[s+1].
-    """
-
-    cu_seqlens: torch.Tensor  # int32 [S+1], on the tokens' device
-    num_tokens: int
-    row_len: int | None = None
-
-    @classmethod
-    def padded(cls, S: int, T: int, device: torch.device) -> Segments:
-        cu = torch.arange(0, (S + 1) * T, T, device=device, dtype=torch.int32)[: S + 1]
-        return cls(cu, S * T, T)
-
-    @property
-    def num_seqs(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    @functools.cached_property
-    def seq_ids(self) -> torch.Tensor:
-        """[N] sequence index of every token (searchsorted: no host sync)."""
-        tokens = torch.arange(self.num_tokens, device=self.cu_seqlens.device, dtype=torch.int32)
-        return torch.searchsorted(self.cu_seqlens[1:], tokens, right=True)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.row_len is not None:
-            return values.view(self.num_seqs, self.row_len).sum(dim=1)
-        out = values.new_zeros(self.num_seqs)
-        return out.index_add_(0, self.seq_ids, values)
-
-    def broadcast(self, per_seq: torch.Tensor) -> torch.Tensor:
-        if self.row_len is not None:
-            return per_seq[:, None].expand(self.num_seqs, self.row_len).reshape(-1)
-        return per_seq[self.seq_ids]
+    types: int  # term bits
+    weights: torch.Tensor  # fp32 [NUM_TERMS], indexed by bit
+    order: torch.Tensor  # int64: output-vector slot of each of cfg.metric_names
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    loss_types: tuple[str, ...]
-    loss_weights: tuple[float, ...]
-    beta: float
-    label_smoothing: float
-    discopop_tau: float
-    ignore_index: int
-    running_delta: bool  # BCO reward shift from the running mean (else delta = 0)
-    _device_weights: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def needs_reference(self) -> bool:
-        return not set(self.loss_types) <= NO_REFERENCE
-
-    def metric_names(self) -> list[str]:
-        return [*METRIC_NAMES, *(f"loss/{t}" for t in LOSS_TYPES)]
-
-    def kernel_types(self, device: torch.device) -> tuple[int, torch.Tensor]:
-        """(bit mask, weights on `device`), made once per device (no per-call copy)."""
-        from .kernels.loss_epilogue import encode_types
-
-        if device not in self._device_weights:
-            mask, weights = encode_types(self.loss_types, self.loss_weights)
-            self._device_weights[device] = (mask, torch.tensor(weights, device=device))
-        return self._device_weights[device]
+@functools.lru_cache(maxsize=64)
+def _kernel_layout(cfg: LossConfig, device: torch.device) -> _KernelLayout:
+    k, bits, slots = _kernels(), kernel_bits(), kernel_metric_slots()
+    weights = [0.0] * k.NUM_TERMS
+    types = 0
+    for name, w in zip(cfg.loss_types, cfg.loss_weights, strict=True):
+        weights[bits[name]] = w
+        types |= 1 << bits[name]
+    order = [slots[n] if n in slots else k.NUM_METRICS + bits[n[len("loss/"):]]
+             for n in cfg.metric_names]
+    return _KernelLayout(types, torch.tensor(weights, device=device),
+                         torch.tensor(order, device=device))
 
 
 def fused_epilogue_supported(cfg: LossConfig, num_pairs: int) -> bool:
-    from .kernels.loss_epilogue import MAX_PAIRS, UNSUPPORTED
-
-    return not set(cfg.loss_types) & UNSUPPORTED and num_pairs <= MAX_PAIRS
+    """Whether the fused pair-terms kernel computes every term of `cfg` for this batch."""
+    return set(cfg.loss_types) <= kernel_bits().keys() and num_pairs <= _kernels().MAX_PAIRS
 
 
 class Epilogue(torch.autograd.Function):
     """(token log-probs [N] ...) -> (loss [], seq log-probs [2B], metric vector).
 
-    forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, use_triton):
+    forward(ctx, logp, ref_logp, ref_seq, count, segs, cfg, bco_state, backend):
         logp [N] policy token log-probs (differentiable), ref_logp [N] or None reference token
-        log-probs, ref_seq [2B] or None precomputed reference sequence log-probs, targets [N]
-        (for the completion token counts), bco_state float64 [2] or None.
+        log-probs, ref_seq [2B] or None precomputed reference sequence log-probs, count [2B]
+        completion tokens per sequence (fp32), segs the `Segments` of the N tokens, cfg a
+        `LossConfig`, bco_state float64 [2] (used when cfg.running_delta), backend "triton"
+        (kernels/loss_epilogue.py) or "torch". The metric vector follows cfg.metric_names.
     """
 
     @staticmethod
-    def forward(ctx, logp, ref_logp, ref_seq, targets, segs, cfg, bco_state, use_triton):
-        if use_triton:
-            from .kernels import loss_epilogue as k
-
-            seq, ref_sums, count = k.segment_sums(logp, ref_logp, targets, segs.cu_seqlens,
-                                                  cfg.ignore_index)
+    def forward(ctx, logp, ref_logp, ref_seq, count, segs: Segments, cfg: LossConfig,
+                bco_state, backend: str):
+        if backend == "triton":
+            seq, ref_sums = _kernels().segment_sums(logp, ref_logp, segs.cu_seqlens,
+                                                    segs.num_tokens)
         else:
             seq = segs.sum(logp)
             ref_sums = segs.sum(ref_logp) if ref_logp is not None else None
-            count = segs.sum((targets != cfg.ignore_index).to(logp.dtype))
         ref = ref_seq.to(seq) if ref_seq is not None else ref_sums
-        if use_triton and fused_epilogue_supported(cfg, seq.numel() // 2):
-            loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, bco_state)
+        state = bco_state if cfg.running_delta else None
+        if backend == "triton" and fused_epilogue_supported(cfg, seq.numel() // 2):
+            loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, state)
         else:
-            loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, bco_state)
-        ctx.segs, ctx.use_triton = segs, use_triton
+            loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, state)
+        ctx.segs, ctx.backend = segs, backend
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(metrics)
         return loss, seq, metrics
@@ -131,43 +120,38 @@ class Epilogue(torch.autograd.Function):
         per_seq = coef * grad_loss
         if grad_seq is not None:
             per_seq = per_seq + grad_seq
-        if ctx.use_triton:
-            from .kernels.loss_epilogue import broadcast
-
-            grad = broadcast(per_seq.contiguous(), ctx.segs.cu_seqlens, ctx.segs.num_tokens)
+        segs = ctx.segs
+        if ctx.backend == "triton":
+            grad = _kernels().broadcast(per_seq.contiguous(), segs.cu_seqlens, segs.num_tokens)
         else:
-            grad = ctx.segs.broadcast(per_seq)
+            grad = segs.broadcast(per_seq)
         return grad, None, None, None, None, None, None, None
 
 
-def _fused_pair_terms(seq, ref, count, cfg, bco_state):
-    from .kernels.loss_epilogue import pair_terms
-
+def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
+    layout = _kernel_layout(cfg, seq.device)
     if ref is None:
         ref = torch.zeros_like(seq)
     if bco_state is not None:
-        z = seq - ref
-        delta = update_bco_state(bco_state, cfg.beta * z.mean()).float()
+        delta = update_bco_state(bco_state, cfg.beta * (seq - ref).mean()).float()
     else:
         delta = torch.zeros((), device=seq.device)
-    types, weights = cfg.kernel_types(seq.device)
-    return pair_terms(seq, ref, count, delta.reshape(1), types, weights, cfg.beta,
-                      cfg.label_smoothing, cfg.discopop_tau)
+    loss, out, coef = _kernels().pair_terms(
+        seq, ref, count, delta.reshape(1), layout.types, layout.weights, cfg.beta,
+        cfg.label_smoothing, cfg.discopop_tau, ORPO_MAX_AVG_LOGP)
+    return loss, out.index_select(0, layout.order), coef
 
 
-def _torch_pair_terms(seq, ref, count, cfg, bco_state):
+def _torch_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
     B = seq.numel() // 2
     with torch.enable_grad():
         c = seq[:B].detach().requires_grad_()
         r = seq[B:].detach().requires_grad_()
-        loss, metrics = preference_loss(
-            c, r, ref[:B] if ref is not None else None, ref[B:] if ref is not None else None,
-            loss_types=cfg.loss_types, loss_weights=cfg.loss_weights, beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing, chosen_lengths=count[:B],
-            rejected_lengths=count[B:], bco_state=bco_state, discopop_tau=cfg.discopop_tau)
+        loss, metrics = combined_loss(
+            cfg, c, r, ref[:B] if ref is not None else None, ref[B:] if ref is not None else None,
+            count[:B], count[B:], bco_state=bco_state)
         gc, gr = torch.autograd.grad(loss, (c, r), allow_unused=True)
     coef = torch.cat([torch.zeros_like(c) if gc is None else gc,
                       torch.zeros_like(r) if gr is None else gr])
-    vec = torch.stack([metrics.get(name, seq.new_tensor(float("nan"))).to(seq)
-                       for name in cfg.metric_names()])
+    vec = torch.stack([metrics[name].to(seq) for name in cfg.metric_names])
     return loss.detach(), vec, coef

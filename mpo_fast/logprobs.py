@@ -8,15 +8,15 @@ Triton kernels in `mpo_fast.kernels` (CUDA, or the CPU under TRITON_INTERPRET=1)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from . import torch_backend
+from .backend import CHOICES, requested, triton_available, triton_interpreting
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = CHOICES["head"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -53,22 +53,39 @@ def fused_logprobs(
         gradient; under ``torch.no_grad()`` nothing is saved for backward.
 
     Memory: no ``[N, V]`` tensor is ever allocated. Beyond inputs, outputs and gradients the
-    op keeps O(N) fp32 (row indices, log-sum-exp) plus a bounded workspace: see
-    ``mpo_fast.torch_backend`` (default 256 MiB) and ``mpo_fast.kernels.logprob_backward``
-    (fp32 dW slab of 8192 x H for half-precision weights).
+    op keeps O(N) fp32 (row indices, log-sum-exp) plus a bounded workspace (both backends:
+    ``MPO_FAST_WORKSPACE_MB``, default 256 MiB; see ``mpo_fast.torch_backend`` and
+    ``mpo_fast.kernels.logprob_backward``), and in the Triton backward an fp32 [M, H]
+    accumulator for d hidden.
     """
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+    rows = scored_rows(targets, ignore_index, weight.shape[0])
+    return fused_logprobs_at(hidden, weight, targets, rows, bias, temperature, softcap, backend)
+
+
+def scored_rows(targets: torch.Tensor, ignore_index: int, V: int) -> torch.Tensor:
+    """int64 ``[M]``, ascending: the flat positions of ``targets`` that are not
+    ``ignore_index`` (the only ones that cost FLOPs), after checking those targets are in
+    [0, V). Two host syncs (the range check, then the count M): a caller scoring the same
+    targets several times (policy and reference, token counts) makes them once and passes them
+    to `fused_logprobs_at`."""
+    flat = targets.reshape(-1).long()
+    valid = flat != ignore_index
+    _check_target_range(flat, valid, V, ignore_index)
+    return valid.nonzero().squeeze(1)
+
+
+def fused_logprobs_at(hidden, weight, targets, rows, bias, temperature, softcap, backend):
+    """`fused_logprobs` of inputs already checked by `_check_inputs`, scoring only ``rows``
+    (from `scored_rows` of these targets); every other position gets 0.0."""
     impl = _backend_module(backend, hidden)
-    V, H = weight.shape
+    H = weight.shape[1]
     hidden2d = hidden.reshape(-1, H)
     if hidden2d.numel() and hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     flat = targets.reshape(-1).long()
-    valid = flat != ignore_index
-    _check_target_range(flat, valid, V, ignore_index)
-    rows = valid.nonzero().squeeze(1)
     head = _Head(impl, 1.0 / temperature, softcap)
     args = (hidden2d, weight, bias, rows, flat.index_select(0, rows))
     differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
@@ -116,6 +133,22 @@ class _FusedLogProbs(torch.autograd.Function):
         return None, gh, gw, gb, None, None
 
 
+def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
+           device: torch.device | str = "cuda", *, bias: bool = False,
+           softcap: float | None = None) -> int:
+    """Compile the Triton kernels for an LM head [V, H] of `dtype` ahead of the first step.
+
+    The first `fused_logprobs` / `MPOLoss` call otherwise pays Triton's compilation (a few
+    seconds per kernel). Nothing is launched or allocated. Returns how many kernel variants
+    were compiled (0 where the Triton backend is not used: CPU, interpreter, no triton).
+    """
+    if not triton_available() or torch.device(device).type != "cuda":
+        return 0
+    from .kernels import warmup as compile_kernels
+
+    return compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
+
+
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     """[M] values at `rows` of an [n] vector that is exactly 0 elsewhere."""
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -124,25 +157,13 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtyp
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name `fused_logprobs` would use for tensors on `device` of `dtype`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("MPO_FAST_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"MPO_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    """The backend name `fused_logprobs` would use for tensors on `device` of `dtype`
+    (``MPO_FAST_BACKEND`` is read now, by `mpo_fast.backend.requested`)."""
+    backend = requested("head", backend)
     if backend == "auto":
         usable = device.type == "cuda" and dtype != torch.float64 and triton_available()
         return "triton" if usable else "torch"
     return backend
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:
@@ -151,9 +172,9 @@ def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:
         return torch_backend
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package; use backend='torch'")
-    from .kernels import tl_utils
-
-    if hidden.device.type != "cuda" and not tl_utils.interpreting():
+    # checked before importing the kernels: Triton fixes a kernel's mode (compiled or
+    # interpreted) when its module is first imported
+    if hidden.device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); set "
             "TRITON_INTERPRET=1 to run the kernels on the CPU, or use backend='torch'")

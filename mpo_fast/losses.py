@@ -1,4 +1,4 @@
-"""The preference-loss table and the functional core `preference_loss`, on sequence log-probs.
+"""The preference-loss table, its config, and the functional core `preference_loss`.
 
 Notation (DESIGN.md §3.3): c, r = summed completion log-probs of chosen / rejected under the
 policy, c0, r0 the same under the reference, L_c, L_r their completion token counts,
@@ -6,9 +6,19 @@ zc = c - c0, zr = r - r0, D = zc - zr, s = sigmoid, ls = logsigmoid, e = label_s
 Each loss below is per pair; the total is sum_k w_k * mean_over_pairs(loss_k) ("sft" is
 already one scalar, a token mean).
 
-This is the torch implementation (differentiable by autograd). `mpo_fast.kernels.
-loss_epilogue` holds the same math in closed form for the fused CUDA epilogue; the tests hold
-the two to each other and to a float64 reference.
+This is the torch implementation (differentiable by autograd). The fused epilogue kernel
+(kernels/loss_epilogue.py) holds the same math in closed form under its own bit constants;
+`mpo_fast.epilogue` maps these names to them, and the tests hold the two to each other and to
+a float64 reference.
+
+The BCO reward shift (the paper's delta) is the running mean of past rewards by default, both
+in `MPOLoss` (a buffer of the module) and in `preference_loss` (the ``bco_state`` you pass and
+keep): ``bco_delta="running_mean"``. ``bco_delta="none"`` gives delta = 0 (TRL >= 0.29, Liger).
+
+Empty completions: a sequence with no completion token has log-prob 0 (probability 1), its
+length counts as 1 in the per-token averages (ipo, orpo), and its pair still counts in the
+batch means; "sft" divides by the real number of chosen tokens. `MPOLoss` refuses a batch with
+no completion token at all.
 """
 
 from __future__ import annotations
@@ -78,6 +88,10 @@ def _discopop(p: Pairs):
 
 
 # loss_type -> per-pair loss. "sft" is handled apart: it is a token mean, not per pair.
+# Papers: sigmoid = DPO, arXiv:2305.18290 (e > 0: cDPO); hinge = RSO, 2309.06657;
+# ipo 2310.12036; robust 2403.00409; bco_pair 2404.04656; sppo_hard 2405.00675;
+# nca_pair 2402.05369; aot, aot_pair 2406.05882; exo_pair 2402.00856; apo_zero, apo_down
+# 2408.06266; discopop 2406.08414; orpo 2403.07691; MPO itself 2411.10442.
 LOSSES = {
     "sigmoid": lambda p: _smoothed_sigmoid(p.u, p.e),
     "hinge": lambda p: torch.relu(1 - p.u),
@@ -100,34 +114,87 @@ LOSS_TYPES = (*LOSSES, "sft")
 NO_REFERENCE = frozenset({"orpo", "sft"})  # the only types that need no reference log-probs
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "nll_loss", "bco/delta")
+MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
+MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
+BCO_DELTAS = ("running_mean", "none")
 
 
-def check_loss_config(loss_types: Sequence[str], loss_weights: Sequence[float] | None,
-                      beta: float, label_smoothing: float) -> tuple[tuple, tuple]:
-    """Validated (loss_types, loss_weights); weights default to 1.0 each."""
-    if isinstance(loss_types, str):
-        loss_types = (loss_types,)
-    loss_types = tuple(loss_types)
-    if not loss_types:
-        raise ValueError("loss_types must name at least one loss")
-    unknown = [t for t in loss_types if t not in LOSS_TYPES]
-    if unknown:
-        raise ValueError(f"unknown loss_types {unknown}; choose from {list(LOSS_TYPES)}")
-    if len(set(loss_types)) != len(loss_types):
-        raise ValueError(f"loss_types has duplicates: {list(loss_types)}")
-    weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(map(float, loss_weights))
-    if len(weights) != len(loss_types):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} "
-                         f"loss_types {list(loss_types)}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if "robust" in loss_types and not label_smoothing < 0.5:
-        raise ValueError(f"robust needs label_smoothing < 0.5, got {label_smoothing}")
-    if "exo_pair" in loss_types and not label_smoothing > 0:
-        raise ValueError("exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing))")
-    return loss_types, weights
+@dataclass(frozen=True)
+class LossConfig:
+    """The combined loss: its terms, their weights and the hyper-parameters, checked once.
+
+    Args:
+        loss_types: names from `LOSS_TYPES`; default MPO = ("sigmoid", "bco_pair", "sft").
+        loss_weights: one per type; None means MPO's (0.8, 0.2, 1.0) for the MPO types, else
+            1.0 each.
+        beta: KL coefficient of the preference terms.
+        label_smoothing: e of cDPO / robust / exo_pair / aot.
+        bco_delta: "running_mean" (the paper's reward shift, TRL <= 0.28 / InternVL) or
+            "none" (delta = 0, TRL >= 0.29 / Liger). Only "bco_pair" uses it.
+        discopop_tau: temperature of the discopop modulation.
+    """
+
+    loss_types: Sequence[str] = MPO_LOSS_TYPES
+    loss_weights: Sequence[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    bco_delta: str = "running_mean"
+    discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
+        if not types:
+            raise ValueError("loss_types must name at least one loss")
+        unknown = [t for t in types if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"unknown loss_types {unknown}; choose from {list(LOSS_TYPES)}")
+        if len(set(types)) != len(types):
+            raise ValueError(f"loss_types has duplicates: {list(types)}")
+        weights = self.loss_weights
+        if weights is None:
+            weights = MPO_LOSS_WEIGHTS if types == MPO_LOSS_TYPES else (1.0,) * len(types)
+        weights = tuple(map(float, weights))
+        if len(weights) != len(types):
+            raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} "
+                             f"loss_types {list(types)}")
+        beta, e = float(self.beta), float(self.label_smoothing)
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= e < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if "robust" in types and not e < 0.5:
+            raise ValueError(f"robust needs label_smoothing < 0.5, got {e}")
+        if "exo_pair" in types and not e > 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (its loss has "
+                             "log(label_smoothing))")
+        if self.bco_delta not in BCO_DELTAS:
+            raise ValueError(f"bco_delta must be 'running_mean' or 'none', got "
+                             f"{self.bco_delta!r}")
+        if not float(self.discopop_tau) > 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
+        for name, value in (("loss_types", types), ("loss_weights", weights), ("beta", beta),
+                            ("label_smoothing", e), ("discopop_tau", float(self.discopop_tau))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def needs_reference(self) -> bool:
+        return not set(self.loss_types) <= NO_REFERENCE
+
+    @property
+    def running_delta(self) -> bool:
+        """Whether a call updates and uses the BCO running mean."""
+        return self.bco_delta == "running_mean" and "bco_pair" in self.loss_types
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics a call reports, in order: `METRIC_NAMES`, then "loss/<type>"."""
+        return (*METRIC_NAMES, *(f"loss/{t}" for t in self.loss_types))
+
+
+def new_bco_state(device: torch.device | str | None = None) -> torch.Tensor:
+    """A fresh BCO running-mean state: float64 ``[2]`` (mean 0, count ~0, so the first call's
+    mean becomes the state's mean). Keep it across calls (and in checkpoints)."""
+    return torch.tensor([0.0, 1e-24], dtype=torch.float64, device=device)
 
 
 def update_bco_state(state: torch.Tensor, rewards_mean: torch.Tensor) -> torch.Tensor:
@@ -154,13 +221,14 @@ def preference_loss(
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
     *,
-    loss_types: Sequence[str] = ("sigmoid", "bco_pair", "sft"),
-    loss_weights: Sequence[float] | None = (0.8, 0.2, 1.0),
+    loss_types: Sequence[str] = MPO_LOSS_TYPES,
+    loss_weights: Sequence[float] | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     sft_loss: torch.Tensor | None = None,
+    bco_delta: str = "running_mean",
     bco_state: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -170,49 +238,75 @@ def preference_loss(
         chosen_logps, rejected_logps: ``[B]`` summed completion log-probs under the policy.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the reference model;
             required unless every loss type is "orpo"/"sft".
-        loss_types, loss_weights: ``L = sum_k w_k * mean_i loss_k(pair i)``.
+        loss_types, loss_weights, beta, label_smoothing, discopop_tau: as in `LossConfig`
+            (``L = sum_k w_k * mean_i loss_k(pair i)``; weights default to MPO's for the MPO
+            types, else 1.0 each, as in `MPOLoss`).
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (ipo, orpo use them;
             "sft" without ``sft_loss`` is ``-sum(chosen_logps) / sum(chosen_lengths)``).
         sft_loss: the SFT term if computed elsewhere (a token-mean NLL, scalar).
-        bco_state: float64 ``[2]`` (running mean, count) updated in place for "bco_pair"'s
-            reward shift; None means delta = 0.
+        bco_delta: the BCO reward shift, as in `MPOLoss` and with the same default:
+            "running_mean" (the paper's) folds this call's mean reward into ``bco_state`` and
+            uses the updated mean; "none" uses delta = 0.
+        bco_state: float64 ``[2]`` (running mean, count), updated in place; required with
+            "bco_pair" and ``bco_delta="running_mean"`` (make one with `new_bco_state()` and
+            keep it across calls). There is no hidden default state: without one the call
+            raises rather than silently computing a different loss than `MPOLoss` would.
 
     Returns:
         (loss, metrics): the scalar loss and TRL-named metrics as detached 0-dim tensors.
     """
-    loss_types, weights = check_loss_config(loss_types, loss_weights, beta, label_smoothing)
+    cfg = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta, discopop_tau)
     c, r = chosen_logps, rejected_logps
     if c.dim() != 1 or c.shape != r.shape:
         raise ValueError(f"chosen_logps and rejected_logps must both be [B], got "
                          f"{tuple(c.shape)} and {tuple(r.shape)}")
-    needs_ref = not set(loss_types) <= NO_REFERENCE
     if ref_chosen_logps is None or ref_rejected_logps is None:
-        if needs_ref:
-            raise ValueError(f"loss_types {list(loss_types)} need ref_chosen_logps and "
+        if cfg.needs_reference:
+            raise ValueError(f"loss_types {list(cfg.loss_types)} need ref_chosen_logps and "
                              "ref_rejected_logps")
-        c0 = r0 = torch.zeros_like(c)
+        c0 = r0 = None
     else:
         c0, r0 = ref_chosen_logps.to(c), ref_rejected_logps.to(c)
         if c0.shape != c.shape or r0.shape != c.shape:
             raise ValueError("reference log-probs must have the policy's shape [B]")
-    ones = torch.ones_like(c)
-    len_c = ones if chosen_lengths is None else chosen_lengths.to(c).clamp(min=1)
-    len_r = ones if rejected_lengths is None else rejected_lengths.to(c).clamp(min=1)
     for needer in ("ipo", "orpo"):
-        if needer in loss_types and (chosen_lengths is None or rejected_lengths is None):
+        if needer in cfg.loss_types and (chosen_lengths is None or rejected_lengths is None):
             raise ValueError(f"{needer} needs chosen_lengths and rejected_lengths")
+    if sft_loss is None and "sft" in cfg.loss_types and chosen_lengths is None:
+        raise ValueError("sft needs sft_loss or chosen_lengths")
+    if "bco_pair" in cfg.loss_types:
+        if cfg.bco_delta == "running_mean" and bco_state is None:
+            raise ValueError(
+                "bco_pair with bco_delta='running_mean' (the paper's reward shift, and "
+                "MPOLoss's default) needs bco_state: pass bco_state=mpo_fast.losses."
+                "new_bco_state() and keep it across calls, or bco_delta='none' for delta = 0")
+        if cfg.bco_delta == "none" and bco_state is not None:
+            raise ValueError("bco_state is only used with bco_delta='running_mean'")
+    return combined_loss(cfg, c, r, c0, r0, chosen_lengths, rejected_lengths, sft_loss,
+                         bco_state)
 
+
+def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
+                  rejected_lengths=None, sft_loss=None, bco_state=None):
+    """`preference_loss` on checked inputs: ``[B]`` tensors (``c0``/``r0`` None = 0), the
+    BCO state used only when ``cfg.running_delta``. Returns (loss, metrics)."""
+    zeros = torch.zeros_like(c)
+    c0 = zeros if c0 is None else c0
+    r0 = zeros if r0 is None else r0
+    len_c = torch.ones_like(c) if chosen_lengths is None else chosen_lengths.to(c).clamp(min=1)
+    len_r = torch.ones_like(c) if rejected_lengths is None else rejected_lengths.to(c).clamp(
+        min=1)
+    beta = cfg.beta
     zc, zr = (c - c0).detach(), (r - r0).detach()
     delta = torch.zeros((), dtype=c.dtype, device=c.device)
-    if bco_state is not None:
+    if cfg.running_delta:
         delta = update_bco_state(bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
     if sft_loss is None:
-        if "sft" in loss_types and chosen_lengths is None:
-            raise ValueError("sft needs sft_loss or chosen_lengths")
         tokens = chosen_lengths.to(c).sum() if chosen_lengths is not None else c.new_tensor(len(c))
         sft_loss = -c.sum() / tokens.clamp(min=1)
 
-    pairs = Pairs(c, r, c0, r0, len_c, len_r, beta, label_smoothing, delta, discopop_tau)
+    pairs = Pairs(c, r, c0, r0, len_c, len_r, beta, cfg.label_smoothing, delta,
+                  cfg.discopop_tau)
     metrics = {
         "rewards/chosen": (beta * zc).mean(),
         "rewards/rejected": (beta * zr).mean(),
@@ -224,7 +318,7 @@ def preference_loss(
         "bco/delta": delta,
     }
     loss = torch.zeros((), dtype=c.dtype, device=c.device)
-    for name, w in zip(loss_types, weights, strict=True):
+    for name, w in zip(cfg.loss_types, cfg.loss_weights, strict=True):
         term = sft_loss if name == "sft" else LOSSES[name](pairs).mean()
         metrics[f"loss/{name}"] = term.detach()
         loss = loss + w * term

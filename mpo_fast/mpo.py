@@ -3,25 +3,26 @@
     hidden --fused_logprobs--> token log-probs --Epilogue--> loss, metrics, sequence log-probs
 
 Neither the policy nor the reference ever materializes logits; the reference pass runs without
-grad and saves nothing. The BCO reward shift's running mean is a buffer of this module, so it
-is in `state_dict()` and survives checkpoints.
+grad and saves nothing. The scored positions (targets != ignore_index) are found once per call
+and shared by the policy pass, the reference pass and the completion token counts. The BCO
+reward shift's running mean is a buffer of this module, so it is in `state_dict()` and survives
+checkpoints.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .epilogue import Epilogue, LossConfig, Segments
-from .logprobs import fused_logprobs, resolve_backend
-from .losses import check_loss_config
+from .epilogue import Epilogue
+from .layout import Segments
+from .logprobs import _check_inputs, fused_logprobs_at, resolve_backend, scored_rows
+from .losses import MPO_LOSS_TYPES, LossConfig, new_bco_state
 
-MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
-MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
+__all__ = ["HeadConfig", "MPOLoss", "MPOOutput"]
 
 
 @dataclass
@@ -30,6 +31,17 @@ class MPOOutput:
     metrics: dict[str, torch.Tensor]  # TRL names, detached 0-dim tensors (no host sync)
     chosen_logps: torch.Tensor  # [B] fp32 summed completion log-probs, differentiable
     rejected_logps: torch.Tensor  # [B]
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How the LM head turns hidden states into token log-probs: `fused_logprobs`' options
+    (checked by it at every call, with its messages)."""
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: float | None = None
+    backend: str = "auto"
 
 
 class MPOLoss(nn.Module):
@@ -41,9 +53,13 @@ class MPOLoss(nn.Module):
         loss_weights: one per type; None means (0.8, 0.2, 1.0) for the MPO default, else 1.0.
         label_smoothing: e of cDPO / robust / exo_pair / aot.
         bco_delta: "running_mean" (the paper's reward shift; TRL <= 0.28 / InternVL) or "none".
+            `mpo_fast.preference_loss` has the same parameter and default.
         ignore_index: target value of prompt, image and padding positions.
         temperature, softcap, backend: passed to `fused_logprobs`.
         discopop_tau: temperature of the discopop modulation.
+
+    The options live in two frozen config objects, one per op: ``self.loss_config`` (a
+    `mpo_fast.losses.LossConfig`, checked here) and ``self.head_config`` (a `HeadConfig`).
     """
 
     def __init__(
@@ -60,23 +76,14 @@ class MPOLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if loss_weights is None and tuple(loss_types) == MPO_LOSS_TYPES:
-            loss_weights = MPO_LOSS_WEIGHTS
-        types, weights = check_loss_config(loss_types, loss_weights, beta, label_smoothing)
-        if bco_delta not in ("running_mean", "none"):
-            raise ValueError(f"bco_delta must be 'running_mean' or 'none', got {bco_delta!r}")
-        self.cfg = LossConfig(types, weights, float(beta), float(label_smoothing),
-                              float(discopop_tau), int(ignore_index),
-                              running_delta=bco_delta == "running_mean" and "bco_pair" in types)
-        self.head = {"temperature": temperature, "softcap": softcap, "backend": backend,
-                     "ignore_index": int(ignore_index)}
+        self.loss_config = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta,
+                                      discopop_tau)
+        self.head_config = HeadConfig(ignore_index, temperature, softcap, backend)
         # BCO running mean and count (count starts at ~0, so the first batch sets the mean)
-        self.register_buffer("bco_state", torch.tensor([0.0, 1e-24], dtype=torch.float64))
+        self.register_buffer("bco_state", new_bco_state())
 
     def extra_repr(self) -> str:
-        c = self.cfg
-        return (f"loss_types={c.loss_types}, loss_weights={c.loss_weights}, beta={c.beta}, "
-                f"label_smoothing={c.label_smoothing}, running_delta={c.running_delta}")
+        return f"{self.loss_config}, {self.head_config}"
 
     def forward(
         self,
@@ -84,7 +91,7 @@ class MPOLoss(nn.Module):
         weight: torch.Tensor,
         targets: torch.Tensor,
         *,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: Segments | torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
         ref_hidden: torch.Tensor | None = None,
@@ -94,32 +101,48 @@ class MPOLoss(nn.Module):
         """Loss of a batch of 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected (pair i is
         (i, B+i)).
 
-        Padded: hidden [2B, T, H], targets [2B, T]. Packed: hidden [N, H], targets [N] and
-        cu_seqlens int32 [2B+1]. Targets are shifted; prompt/image/pad positions are
-        ignore_index. Reference: `ref_logps=(ref_chosen [B], ref_rejected [B])`, or reference
-        hidden states (same layout as hidden) with the reference head `ref_weight` (and
-        `ref_bias`). ORPO and SFT need no reference.
+        Layouts:
+            padded  hidden [2B, T, H], targets [2B, T], no cu_seqlens.
+            packed  hidden [N, H] (or a model's [1, N, H]), targets [N] (or [1, N]), and
+                    cu_seqlens: the `Segments` of `mpo_fast.packing.pack` (``p.segments``, used
+                    with no host read) or int32 offsets [2B+1] (checked: one host read).
+        Targets are shifted; prompt/image/pad positions are ignore_index. At least one target
+        in the batch must be a completion token; a sequence with none has log-prob 0 (see
+        `mpo_fast.losses`).
+
+        Reference: `ref_logps=(ref_chosen [B], ref_rejected [B])`, or reference hidden states
+        (same layout as hidden) with the reference head `ref_weight` (and `ref_bias`). ORPO
+        and SFT need no reference.
         """
+        hidden, targets, ref_hidden = _packed_row(hidden, targets, ref_hidden, cu_seqlens)
         segs = self._segments(hidden, targets, cu_seqlens)
         B = segs.num_seqs // 2
-        logp = fused_logprobs(hidden, weight, targets, bias=bias, **self.head).reshape(-1)
-        ref_logp, ref_seq = self._reference(hidden, targets, B, ref_logps, ref_hidden,
-                                            ref_weight, ref_bias)
+        head = self.head_config
+        _check_inputs(hidden, weight, targets, bias, head.ignore_index, head.temperature,
+                      head.softcap)
+        rows = scored_rows(targets, head.ignore_index, weight.shape[0])  # the one mask
+        if rows.numel() == 0:
+            raise ValueError(f"no completion tokens: every target is ignore_index="
+                             f"{head.ignore_index}, so there is nothing to score (are the "
+                             "targets shifted and the completions unmasked?)")
+        logp = self._logprobs(hidden, weight, targets, rows, bias).reshape(-1)
+        ref_logp, ref_seq = self._reference(hidden, weight, targets, rows, B, ref_logps,
+                                            ref_hidden, ref_weight, ref_bias)
         if self.bco_state.device != logp.device:
             self.bco_state = self.bco_state.to(logp.device)
-        state = self.bco_state if self.cfg.running_delta else None
-        use_triton = (resolve_backend(self.head["backend"], logp.device, hidden.dtype) == "triton"
-                      and logp.dtype == torch.float32)
-        loss, seq, vec = Epilogue.apply(logp, ref_logp, ref_seq, targets.reshape(-1).long(),
-                                        segs, self.cfg, state, use_triton)
-        names = self.cfg.metric_names()
-        metrics = {n: vec[i] for i, n in enumerate(names)
-                   if not n.startswith("loss/") or n[5:] in self.cfg.loss_types}
+        backend = resolve_backend(head.backend, logp.device, hidden.dtype)
+        count = segs.count(rows).to(logp.dtype)
+        loss, seq, vec = Epilogue.apply(logp, ref_logp, ref_seq, count, segs, self.loss_config,
+                                        self.bco_state, backend)
+        metrics = dict(zip(self.loss_config.metric_names, vec, strict=True))
         return MPOOutput(loss, metrics, seq[:B], seq[B:])
 
+    def _logprobs(self, hidden, weight, targets, rows, bias):
+        h = self.head_config
+        return fused_logprobs_at(hidden, weight, targets, rows, bias, h.temperature, h.softcap,
+                                 h.backend)
+
     def _segments(self, hidden, targets, cu_seqlens) -> Segments:
-        if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError("hidden and targets must be tensors")
         if cu_seqlens is None:
             if hidden.dim() != 3 or targets.dim() != 2:
                 raise ValueError("padded layout needs hidden [2B, T, H] and targets [2B, T] "
@@ -129,22 +152,24 @@ class MPOLoss(nn.Module):
             _check_even(S)
             return Segments.padded(S, T, targets.device)
         if hidden.dim() != 2 or targets.dim() != 1:
-            raise ValueError("packed layout (cu_seqlens given) needs hidden [N, H] and targets "
-                             f"[N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or (
-                cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool):
-            raise TypeError("cu_seqlens must be a 1-D integer tensor [2B+1]")
-        if cu_seqlens.device != targets.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, targets on {targets.device}")
-        bounds = cu_seqlens.tolist()  # tiny; one read to validate the layout
-        _check_even(len(bounds) - 1)
+            raise ValueError("packed layout (cu_seqlens given) needs hidden [N, H] (or "
+                             f"[1, N, H]) and targets [N], got {tuple(hidden.shape)} and "
+                             f"{tuple(targets.shape)}")
         N = targets.shape[0]
-        if bounds[0] != 0 or bounds[-1] != N or any(a > b for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"cu_seqlens must rise from 0 to N={N} (the number of tokens), "
-                             f"got {bounds[:4]}...{bounds[-2:]}")
-        return Segments(cu_seqlens.to(torch.int32).contiguous(), N)
+        if isinstance(cu_seqlens, Segments):  # valid by construction: no host read
+            cu_seqlens.check_tokens(N, targets.device, owner="targets")
+            segs = cu_seqlens
+        elif isinstance(cu_seqlens, torch.Tensor):  # the caller's own offsets: one host read
+            segs = Segments.from_cu_seqlens(cu_seqlens, N, owner="targets")
+            segs.check_tokens(N, targets.device, owner="targets")
+        else:
+            raise TypeError(f"cu_seqlens must be a Segments (packing.pack(...).segments) or an "
+                            f"int32 tensor [2B+1], got {type(cu_seqlens).__name__}")
+        _check_even(segs.num_seqs)
+        return segs
 
-    def _reference(self, hidden, targets, B, ref_logps, ref_hidden, ref_weight, ref_bias):
+    def _reference(self, hidden, weight, targets, rows, B, ref_logps, ref_hidden, ref_weight,
+                   ref_bias):
         """(ref token log-probs [N] or None, ref sequence log-probs [2B] or None)."""
         if ref_logps is not None and ref_hidden is not None:
             raise ValueError("give either ref_logps or ref_hidden, not both")
@@ -154,8 +179,8 @@ class MPOLoss(nn.Module):
                 raise ValueError(f"ref_logps must be (ref_chosen [B={B}], ref_rejected [B])")
             return None, torch.cat([t.detach() for t in ref_logps]).float()
         if ref_hidden is None:
-            if self.cfg.needs_reference:
-                raise ValueError(f"loss_types {list(self.cfg.loss_types)} need a reference: "
+            if self.loss_config.needs_reference:
+                raise ValueError(f"loss_types {list(self.loss_config.loss_types)} need a reference: "
                                  "pass ref_logps or ref_hidden")
             return None, None
         if ref_hidden.shape != hidden.shape:
@@ -164,9 +189,28 @@ class MPOLoss(nn.Module):
         if ref_weight is None:
             raise ValueError("ref_hidden needs ref_weight, the reference model's LM head "
                              "(pass weight.detach() if the head is frozen and shared)")
+        h = self.head_config
+        _check_inputs(ref_hidden, ref_weight, targets, ref_bias, h.ignore_index, h.temperature,
+                      h.softcap)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight has V={ref_weight.shape[0]} rows but weight has "
+                             f"V={weight.shape[0]}: policy and reference share a vocabulary")
         with torch.no_grad():
-            ref = fused_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self.head)
+            ref = self._logprobs(ref_hidden, ref_weight, targets, rows, ref_bias)
         return ref.reshape(-1), None
+
+
+def _packed_row(hidden, targets, ref_hidden, cu_seqlens):
+    """A model's packed row [1, N, H] (and targets [1, N]) as [N, H] and [N]."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("hidden and targets must be tensors")
+    if cu_seqlens is None or hidden.dim() != 3 or hidden.shape[0] != 1:
+        return hidden, targets, ref_hidden
+    if targets.dim() == 2 and targets.shape[0] == 1:
+        targets = targets[0]
+    if ref_hidden is not None and ref_hidden.dim() == 3 and ref_hidden.shape[0] == 1:
+        ref_hidden = ref_hidden[0]
+    return hidden[0], targets, ref_hidden
 
 
 def _check_even(S: int) -> None:

@@ -8,6 +8,8 @@ the B rejected ones, pair i = (i, B + i)) becomes one flat row of N = sum(length
     p.cu_seqlens    int32 [S + 1]    cu_seqlens[s] = first packed row of sequence s, [S] = N
     p.position_ids  int64 [N]        0, 1, ..., len(s) - 1 for every sequence s
     p.max_seqlen    int              longest sequence (for the varlen attention kernels)
+    p.segments      Segments         the three above as one `mpo_fast.layout.Segments`: pass it
+                                     to MPOLoss(cu_seqlens=...) and attention, no host read
     unpack(values, p.cu_seqlens, T) [N, *] -> [S, T, *], zeros in the padding
 
 `pack` and `unpack` move data only: every backend gives bit-identical results, and each is the
@@ -18,9 +20,9 @@ Backends. The ops live in the compiled extension `mpo_fast._C` (torch custom ops
 `torch.ops.mpo_fast.*`, CPU kernels and, when built with nvcc, CUDA kernels; Meta kernels make
 them traceable by torch.compile). Without the extension, or for a device it has no kernel for,
 the same functions run a pure-torch fallback (index_select / index_copy_). `backend()` says
-which one serves CUDA tensors if a GPU is present, else CPU tensors. The environment variable
-MPO_FAST_PACKING=torch (read at import) forces the fallback; every function also takes
-``impl="auto" | "extension" | "torch"``.
+which one serves CUDA tensors if a GPU is present, else CPU tensors. Every function takes
+``backend="auto" | "extension" | "torch"``; with "auto", the environment variable
+MPO_FAST_PACKING=torch|extension (read at every call, see `mpo_fast.backend`) decides.
 
 Host syncs. `pack` reads ``lengths`` on the host once, to size the output and check the values
 (lengths on the CPU cost no device sync at all). Passing ``total=`` (and ``max_seqlen=``) skips
@@ -33,10 +35,12 @@ they check ``cu_seqlens`` values only when it lives on the CPU.
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .backend import CHOICES, requested
+from .layout import Segments, check_cu_seqlens
 
 try:  # the compiled extension; its import registers torch.ops.mpo_fast.*
     from . import _C
@@ -53,10 +57,7 @@ __all__ = [
     "unpack",
 ]
 
-IMPLS = ("auto", "extension", "torch")
-_FORCED = os.environ.get("MPO_FAST_PACKING", "auto")
-if _FORCED not in IMPLS:
-    raise ValueError(f"MPO_FAST_PACKING must be one of {IMPLS}, got {_FORCED!r}")
+BACKENDS = CHOICES["packing"]
 _EXT_CPU = _C is not None
 _EXT_CUDA = _C is not None and bool(_C.has_cuda())
 _INT32_MAX = 2**31 - 1
@@ -65,7 +66,11 @@ _INT32_MAX = 2**31 - 1
 def backend() -> str:
     """Which implementation packs: ``"cuda"`` (compiled CUDA kernels, used when a GPU is
     present), ``"cpu"`` (compiled CPU kernels) or ``"torch"`` (the pure-torch fallback)."""
-    if _FORCED == "torch" or not _EXT_CPU:
+    return _active()
+
+
+def _active() -> str:  # `backend()` under a name the ``backend=`` arguments do not shadow
+    if requested("packing", "auto") == "torch" or not _EXT_CPU:
         return "torch"
     if _EXT_CUDA and torch.cuda.is_available():
         return "cuda"
@@ -77,41 +82,53 @@ def backend() -> str:
 
 @dataclass(frozen=True)
 class Packed:
-    """A packed micro-batch (see the module docstring for shapes)."""
+    """A packed micro-batch (see the module docstring for shapes): the packed ``tokens``, their
+    ``position_ids``, and their layout as a `mpo_fast.layout.Segments` (``cu_seqlens``,
+    ``num_tokens``, ``max_seqlen``), which `MPOLoss` and `mpo_fast.attention` take as is, with
+    no host read."""
 
     tokens: torch.Tensor
-    cu_seqlens: torch.Tensor
     position_ids: torch.Tensor
-    max_seqlen: int
+    segments: Segments
     padded_len: int  # T, the padded length the batch came from
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 ``[S + 1]``: sequence s is packed rows ``cu_seqlens[s] : cu_seqlens[s + 1]``."""
+        return self.segments.cu_seqlens
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest sequence (or the upper bound given to `pack`)."""
+        return self.segments.max_seqlen
 
     @property
     def num_tokens(self) -> int:
         """N, the number of packed tokens."""
-        return self.tokens.shape[0]
+        return self.segments.num_tokens
 
     @property
     def num_seqs(self) -> int:
         """S, the number of sequences."""
-        return self.cu_seqlens.shape[0] - 1
+        return self.segments.num_seqs
 
-    def pack_like(self, values: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    def pack_like(self, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """Pack another ``[S, T, *]`` tensor (labels, masks, embeddings) with this layout,
         without reading the lengths again: ``[S, T, *] -> [N, *]``."""
-        return pack_values(values, self.cu_seqlens, self.num_tokens, impl=impl)
+        return pack_values(values, self.cu_seqlens, self.num_tokens, backend=backend)
 
-    def unpack(self, values: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    def unpack(self, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """``[N, *] -> [S, T, *]`` with zeros in the padding (see `unpack`)."""
-        return unpack(values, self.cu_seqlens, self.padded_len, impl=impl)
+        return unpack(values, self.cu_seqlens, self.padded_len, backend=backend)
 
     def shift_targets(self, completion_mask: torch.Tensor, ignore_index: int = -100, *,
-                      impl: str = "auto") -> torch.Tensor:
+                      backend: str = "auto") -> torch.Tensor:
         """`shift_targets` of ``self.tokens``; ``completion_mask`` is packed ``[N]`` or padded
         ``[S, T]`` (then packed with this layout first)."""
         if isinstance(completion_mask, torch.Tensor) and completion_mask.dim() == 2:
-            completion_mask = self.pack_like(completion_mask, impl=impl)
+            completion_mask = self.pack_like(completion_mask, backend=backend)
         return shift_targets(self.tokens, self.cu_seqlens, completion_mask, ignore_index,
-                             impl=impl)
+                             backend=backend)
 
 
 def pack(
@@ -120,7 +137,7 @@ def pack(
     *,
     total: int | None = None,
     max_seqlen: int | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> Packed:
     """Pack a right-padded batch into one flat row.
 
@@ -132,12 +149,13 @@ def pack(
             (no sync at all; on CUDA the values are then not checked).
         max_seqlen: ``max(lengths)`` or an upper bound; defaults to the exact maximum, or to T
             when ``total`` is given for CUDA lengths.
-        impl: ``"auto"``, ``"extension"`` or ``"torch"``.
+        backend: ``"auto"``, ``"extension"`` or ``"torch"``.
 
     Returns:
         `Packed`: tokens ``[N, *]`` (differentiable w.r.t. ``input_ids``; the backward is
-        `unpack`), cu_seqlens int32 ``[S + 1]``, position_ids int64 ``[N]`` restarting at 0 for
-        every sequence, max_seqlen, padded_len = T.
+        `unpack`), position_ids int64 ``[N]`` restarting at 0 for every sequence, segments
+        (cu_seqlens int32 ``[S + 1]``, num_tokens, max_seqlen; also reachable as
+        ``p.cu_seqlens``, ``p.max_seqlen``, ``p.num_tokens``), padded_len = T.
     """
     _require_tensor("input_ids", input_ids)
     if input_ids.dim() < 2:
@@ -146,13 +164,15 @@ def pack(
     S, T = input_ids.shape[0], input_ids.shape[1]
     lengths = _as_lengths(lengths, S, input_ids.device)
     total, max_seqlen = _output_size(lengths, T, total, max_seqlen)
-    use_ext = _use_extension(input_ids.device, impl)
+    use_ext = _use_extension(input_ids.device, backend)
     if use_ext:
         cu, positions = torch.ops.mpo_fast.seq_index(lengths, T, total)
     else:
         cu, positions = _seq_index_torch(lengths, T, total)
     tokens = _pack(input_ids, cu, total, use_ext)
-    return Packed(tokens, cu, positions, max_seqlen, T)
+    # trusted: cu comes from lengths checked by _output_size (or clamped to [0, T] by the
+    # kernels when the caller vouched for `total`)
+    return Packed(tokens, positions, Segments(cu, total, max_seqlen), T)
 
 
 def pack_values(
@@ -161,7 +181,7 @@ def pack_values(
     total: int,
     *,
     out: torch.Tensor | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Pack ``values [S, T, *]`` with a known layout: ``[S, T, *] -> [total, *]``.
 
@@ -175,8 +195,9 @@ def pack_values(
                          f"{tuple(values.shape)}")
     total = _check_count("total", total)
     S, T = values.shape[0], values.shape[1]
-    _check_cu(cu_seqlens, values.device, "values", S=S, T=T, N=total)
-    use_ext = _use_extension(values.device, impl)
+    check_cu_seqlens(cu_seqlens, values.device, num_seqs=S, max_len=T, num_tokens=total,
+                     owner="values")
+    use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (total, *values.shape[2:]), values)
         if use_ext:
@@ -193,7 +214,7 @@ def unpack(
     T: int,
     *,
     out: torch.Tensor | None = None,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Scatter per-token results back to the padded layout: ``[N, *] -> [S, T, *]``.
 
@@ -205,8 +226,10 @@ def unpack(
     if values.dim() < 1:
         raise ValueError("values must be [N, ...], got a 0-d tensor")
     T = _check_count("T", T)
-    S = _check_cu(cu_seqlens, values.device, "values", T=T, N=values.shape[0])
-    use_ext = _use_extension(values.device, impl)
+    check_cu_seqlens(cu_seqlens, values.device, max_len=T, num_tokens=values.shape[0],
+                     owner="values")
+    S = cu_seqlens.shape[0] - 1
+    use_ext = _use_extension(values.device, backend)
     if out is not None:
         _check_out(out, (S, T, *values.shape[1:]), values)
         if use_ext:
@@ -225,7 +248,7 @@ def shift_targets(
     completion_mask: torch.Tensor,
     ignore_index: int = -100,
     *,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Next-token targets of a packed row, never across a sequence boundary.
 
@@ -266,13 +289,13 @@ def shift_targets(
         completion_mask = completion_mask != 0
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_cu(cu_seqlens, tokens.device, "tokens", N=tokens.shape[0])
-    if _use_extension(tokens.device, impl):
+    check_cu_seqlens(cu_seqlens, tokens.device, num_tokens=tokens.shape[0], owner="tokens")
+    if _use_extension(tokens.device, backend):
         return torch.ops.mpo_fast.shift_targets(tokens, cu_seqlens, completion_mask, ignore_index)
     return _shift_targets_torch(tokens, cu_seqlens, completion_mask, ignore_index)
 
 
-def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]:
+def plan(pair_tokens, max_tokens: int, *, backend: str = "auto") -> list[list[int]]:
     """Group whole preference pairs into micro-batches of at most ``max_tokens`` tokens.
 
     Best-fit decreasing: pairs are taken largest first (ties: lower index first); each goes to
@@ -285,8 +308,8 @@ def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]
         pair_tokens: ``[P]`` tokens of each pair as packed (chosen + rejected lengths), a 1-D
             integer tensor, array or list.
         max_tokens: the token budget of one micro-batch.
-        impl: ``"extension"`` (C++), ``"torch"`` (the Python reference, identical output) or
-            ``"auto"``.
+        backend: ``"extension"`` (C++), ``"torch"`` (the Python reference, identical output)
+            or ``"auto"``.
 
     Returns:
         a list of micro-batches in the order they were opened, each a list of pair indices in
@@ -301,11 +324,9 @@ def plan(pair_tokens, max_tokens: int, *, impl: str = "auto") -> list[list[int]]
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     sizes = _as_pair_tokens(pair_tokens)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    choice = _FORCED if impl == "auto" else impl
+    choice = requested("packing", backend)
     if choice == "extension" and _C is None:
-        raise RuntimeError("impl='extension' but mpo_fast._C is not built")
+        raise RuntimeError("backend='extension' but mpo_fast._C is not built")
     if choice != "torch" and _C is not None:
         return _C.plan(sizes, max_tokens)  # checks the sizes itself, same messages
     return _plan_python(sizes.tolist(), max_tokens)
@@ -381,36 +402,6 @@ def _output_size(lengths: torch.Tensor, T: int, total, max_seqlen) -> tuple[int,
     return n, (longest if max_seqlen is None else max_seqlen)
 
 
-def _check_cu(cu: torch.Tensor, device: torch.device, owner: str, *, S: int | None = None,
-              T: int | None = None, N: int | None = None) -> int:
-    """Check cu_seqlens (values too when it is on the CPU: no sync); returns S."""
-    _require_tensor("cu_seqlens", cu)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32 (as made by pack), got {cu.dtype}")
-    if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape "
-                         f"{tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"cu_seqlens is on {cu.device} but {owner} is on {device}")
-    if S is not None and cu.shape[0] != S + 1:
-        raise ValueError(f"cu_seqlens has {cu.shape[0]} entries but {owner} has S={S} sequences "
-                         f"(expected S + 1)")
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        c = cu.long()
-        steps = c[1:] - c[:-1]
-        if int(c[0]) != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0, got {int(c[0])}")
-        bad = (steps < 0) if T is None else (steps < 0) | (steps > T)
-        if bool(bad.any()):
-            s = int(bad.nonzero()[0, 0])
-            bound = "non-decreasing" if T is None else f"step by 0..T={T}"
-            raise ValueError(f"cu_seqlens must {bound}, but sequence {s} has "
-                             f"{int(steps[s])} tokens")
-        if N is not None and isinstance(N, int) and int(c[-1]) != N:
-            raise ValueError(f"cu_seqlens[-1] = {int(c[-1])} but {owner} has {N} packed tokens")
-    return cu.shape[0] - 1
-
-
 def _check_out(out, shape: tuple, like: torch.Tensor) -> None:
     _require_tensor("out", out)
     if tuple(out.shape) != tuple(shape):
@@ -440,16 +431,14 @@ def _as_pair_tokens(pair_tokens) -> torch.Tensor:
     return sizes.to(device="cpu", dtype=torch.int64).contiguous()
 
 
-def _use_extension(device: torch.device, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    choice = _FORCED if impl == "auto" else impl
+def _use_extension(device: torch.device, backend: str) -> bool:
+    choice = requested("packing", backend)
     if choice == "torch":
         return False
     available = (device.type == "cpu" and _EXT_CPU) or (device.type == "cuda" and _EXT_CUDA)
     if choice == "extension" and not available:
-        raise RuntimeError(f"impl='extension' but the packing extension has no kernel for "
-                           f"{device.type} tensors (backend() = {backend()!r})")
+        raise RuntimeError(f"backend='extension' but the packing extension has no kernel for "
+                           f"{device.type} tensors (packing.backend() = {_active()!r})")
     return available
 
 

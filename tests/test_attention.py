@@ -61,7 +61,7 @@ def test_varlen_sdpa_matches_per_sequence_reference(causal, window, softcap, hea
     k = torch.randn(N, hkv, 8, dtype=torch.float64)
     v = torch.randn(N, hkv, 5, dtype=torch.float64)  # the value head dim may differ
     out = attention.varlen_attention(q, k, v, cu, scale=0.3, causal=causal,
-                                     sliding_window=window, softcap=softcap, impl="sdpa")
+                                     sliding_window=window, softcap=softcap, backend="sdpa")
     ref = reference_attention(q, k, v, cu, 0.3, causal, window, softcap)
     assert out.shape == (N, hq, 5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -180,11 +180,11 @@ def test_layer_rejects_masks_and_kv_cache():
         attention.packed_attention_forward(module, q, q, q, torch.ones(1, 1, 5, 5))
     with pytest.raises(ValueError, match="KV cache"):
         attention.packed_attention_forward(module, q[:, :, :1], q, q, None)
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         attention.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1),
                                    q[0].transpose(0, 1), torch.tensor([0, 5], dtype=torch.int32),
-                                   impl="flash")
-    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32"):
+                                   backend="flash")
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
         x = torch.randn(5, 2, 4)
         attention.varlen_attention(x, x, x, torch.tensor([0.0, 5.0]))
 
@@ -199,16 +199,44 @@ def test_unpadded_rows_without_kwargs_are_independent_sequences():
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ["flash_attn", "varlen"])
-def test_cuda_varlen_kernels_match_masked_sdpa(impl):
-    if impl == "flash_attn" and attention._flash_attn_fn() is None:
+@pytest.mark.parametrize("backend", ["flash_attn", "varlen"])
+def test_cuda_varlen_kernels_match_masked_sdpa(backend):
+    if backend == "flash_attn" and attention._flash_attn_fn() is None:
         pytest.skip("flash-attn is not installed")
-    if impl == "varlen" and attention._varlen_fn()[0] is None:
+    if backend == "varlen" and attention._varlen_fn()[0] is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     cu = random_cu(9, 300).cuda()
     N = int(cu[-1])
     q = torch.randn(N, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(N, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out = attention.varlen_attention(q, k, v, cu, 300, impl=impl)
-    ref = attention.varlen_attention(q.float(), k.float(), v.float(), cu, impl="sdpa")
+    out = attention.varlen_attention(q, k, v, cu, 300, backend=backend)
+    ref = attention.varlen_attention(q.float(), k.float(), v.float(), cu, backend="sdpa")
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_packed_model_output_goes_straight_into_the_loss():
+    """pack -> packed attention -> MPOLoss on the model's [1, N, H], with the packer's
+    Segments, equals MPOLoss on the padded batch run through the "sdpa" model."""
+    from mpo_fast import MPOLoss
+
+    model, reference = tiny_models("llama")
+    B, T = 2, 12
+    ids = torch.randint(0, 97, (2 * B, T))
+    lengths = torch.randint(4, T + 1, (2 * B,))
+    position = torch.arange(T)[None, :]
+    real = position < lengths[:, None]
+    completion = real & (position >= 2)  # the first two tokens of every sequence: the prompt
+    p = packing.pack(ids, lengths)
+    targets = p.shift_targets(completion)
+    ref = (-torch.rand(B) * 30, -torch.rand(B) * 30)
+    with torch.no_grad():
+        hidden = model.model(**attention.model_inputs(p)).last_hidden_state
+        assert hidden.shape == (1, p.num_tokens, 64)
+        padded = reference.model(input_ids=ids, attention_mask=real).last_hidden_state
+    weight = model.lm_head.weight.detach()
+    out = MPOLoss()(hidden, weight, targets, cu_seqlens=p.segments, ref_logps=ref)
+    padded_targets = p.unpack(targets, backend="torch")
+    padded_targets[~real] = -100
+    want = MPOLoss()(padded, weight, padded_targets, ref_logps=ref)
+    torch.testing.assert_close(out.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)

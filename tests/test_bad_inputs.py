@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_TRITON
+from conftest import HAS_CUDA, HAS_TRITON
 
 import mpo_fast
 
 N, H, V = 10, 16, 50
 
 
-def good():
+def good(device="cpu"):
     return {
-        "hidden": torch.randn(N, H),
-        "weight": torch.randn(V, H),
-        "targets": torch.randint(0, V, (N,)),
+        "hidden": torch.randn(N, H, device=device),
+        "weight": torch.randn(V, H, device=device),
+        "targets": torch.randint(0, V, (N,), device=device),
     }
 
 
-def call(backend="torch", **changes):
-    args = good()
+def call(backend="torch", device=None, **changes):
+    """fused_logprobs on good inputs with `changes`; the triton backend gets CUDA tensors on a
+    CUDA host (there the interpreter is off, and CPU tensors would fail for another reason)."""
+    if device is None:
+        device = "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+    args = good(device)
     kwargs = {k: changes.pop(k) for k in list(changes) if k not in args}
-    args.update(changes)
+    for k, v in changes.items():
+        args[k] = v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
     return mpo_fast.fused_logprobs(args["hidden"], args["weight"], args["targets"],
                                    backend=backend, **kwargs)
 
@@ -72,7 +77,7 @@ def test_unknown_backend():
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        call("triton")
+        call("triton", device="cpu")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -93,3 +98,58 @@ def test_ignore_index_is_not_range_checked():
 def test_empty_input():
     out = call(hidden=torch.randn(0, H), targets=torch.zeros(0, dtype=torch.long))
     assert out.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# MPOLoss: the errors a new user met first
+
+
+def mpo_batch(B=2, T=6):
+    hidden = torch.randn(2 * B, T, H)
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[:, :2] = -100  # prompt
+    return hidden, torch.randn(V, H), targets
+
+
+def test_lengths_passed_as_cu_seqlens_say_what_offsets_are():
+    hidden, weight, targets = mpo_batch()
+    lengths = torch.tensor([5, 7, 6, 6], dtype=torch.int32)  # sum = 24 = N, but not offsets
+    ph, pt = hidden.reshape(-1, H), targets.reshape(-1)
+    with pytest.raises(ValueError, match=r"cumulative offsets starting at 0.*"
+                       r"torch\.nn\.functional\.pad\(lengths\.cumsum\(0\), \(1, 0\)\)"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(ph, weight, pt, cu_seqlens=lengths)
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # the fix
+    out = mpo_fast.MPOLoss(loss_types=("sft",))(ph, weight, pt, cu_seqlens=offsets)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_completion_tokens_is_an_error(layout):
+    hidden, weight, targets = mpo_batch()
+    targets[:] = -100
+    kwargs = {}
+    if layout == "packed":
+        hidden, targets = hidden.reshape(-1, H), targets.reshape(-1)
+        kwargs["cu_seqlens"] = mpo_fast.Segments.padded(4, 6)
+    with pytest.raises(ValueError, match="no completion tokens: every target is "
+                                         "ignore_index=-100"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(hidden, weight, targets, **kwargs)
+
+
+def test_cu_seqlens_of_another_type():
+    hidden, weight, targets = mpo_batch()
+    with pytest.raises(TypeError, match=r"cu_seqlens must be a Segments \(packing.pack"):
+        mpo_fast.MPOLoss(loss_types=("sft",))(hidden.reshape(-1, H), weight,
+                                              targets.reshape(-1), cu_seqlens=[0, 6, 12, 18])
+
+
+def test_preference_loss_asks_for_the_bco_shift_explicitly():
+    c, r = -torch.rand(3) * 10, -torch.rand(3) * 10
+    with pytest.raises(ValueError, match=r"needs bco_state: pass bco_state=mpo_fast\.losses\."
+                                         r"new_bco_state\(\) .* or bco_delta='none'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",))
+    with pytest.raises(ValueError, match="bco_state is only used with bco_delta='running_mean'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",), bco_delta="none",
+                                 bco_state=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bco_delta must be 'running_mean' or 'none'"):
+        mpo_fast.preference_loss(c, r, c, r, loss_types=("bco_pair",), bco_delta="ema")

@@ -147,13 +147,100 @@ def test_plan_chunks_respects_the_workspace(dtype):
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="interpreter-only split check")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_vocab_splits_and_dw_slabs(monkeypatch, dtype):
-    """Enough vocab for several forward splits, and a dW slab smaller than V (bf16)."""
+def test_triton_vocab_splits_and_gradient_slabs(monkeypatch, dtype):
+    """Several forward splits, and a backward workspace so small that the vocabulary is cut
+    into ten slabs, the last one short (V = 2500 = 9 x 256 + 196)."""
+    from mpo_fast.kernels import configs, logprob_backward, logprob_forward
+
+    assert logprob_forward.vocab_splits(40, 2500, configs.INTERPRETER, torch.device("cpu")) > 1
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", str(40 * 256 * 2 / 2**20))
+    assert logprob_backward.slab_rows(40, 2500, 2) == 256
+    run_and_compare("triton", "cpu", dtype, lead=(40,), H=32, V=2500, bias=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_slab_rows_bounds_the_workspace(monkeypatch):
+    from mpo_fast.kernels.logprob_backward import slab_rows
+
+    monkeypatch.delenv("MPO_FAST_WORKSPACE_MB", raising=False)
+    for M, V, item in [(16384, 151646, 2), (65536, 256000, 2), (100, 50000, 4), (1, 7, 2),
+                       (10**6, 32000, 2)]:
+        S = slab_rows(M, V, item)
+        assert S % 256 == 0 and 256 <= S <= -(-V // 256) * 256
+        assert M * S * item <= 256 * 2**20 or S == 256  # the floor: 256 vocab rows
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_autotune_keeps_the_fastest_and_caches_it(monkeypatch, tmp_path):
+    """The tuner times each candidate on the call's own `run`, keeps the fastest, and a fresh
+    process (empty memory) reads the winner back from the cache file instead of re-timing."""
+    import triton.testing
+
+    from mpo_fast.kernels import configs
+
+    fake_ms = {cfg: 1.0 + i for i, cfg in enumerate(configs.CANDIDATES["half"])}
+    winner = configs.CANDIDATES["half"][3]
+    fake_ms[winner] = 0.5
+    ran = []
+
+    def fake_bench(fn, **_):
+        fn()
+        return fake_ms[ran[-1]]
+
+    monkeypatch.setattr(configs, "autotune_requested", lambda: True)
+    monkeypatch.setattr(configs, "_device_name", lambda device: "test-card")
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setenv("MPO_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(configs, "_memory", {})
+    args = (torch.bfloat16, 3000, 64, 1000, (False, False), torch.device("cpu"))
+    assert configs.choose("forward", *args, run=ran.append) == winner
+    assert ran == configs.CANDIDATES["half"]
+    monkeypatch.setattr(configs, "_memory", {})
+    ran.clear()
+    assert configs.choose("forward", *args, run=ran.append) == winner
+    assert ran == []  # from the file
+    assert (tmp_path / "autotune.json").exists()
+
+
+def test_warmup_is_a_no_op_without_cuda():
+    assert mpo_fast.warmup(1000, 64, torch.bfloat16, "cpu") == 0
+
+
+def _compiled_variants(fn) -> int:
+    """Kernels the JIT has compiled for `fn` so far (Triton keeps one cache per device)."""
+    return sum(len(entry[0]) for entry in fn.device_caches.values())
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="compilation counts need CUDA")
+def test_warmup_then_any_token_count_compiles_nothing_new():
     from mpo_fast.kernels import logprob_backward, logprob_forward
 
-    assert logprob_forward._vocab_splits(40, 2500, torch.device("cpu")) > 1
-    monkeypatch.setattr(logprob_backward, "SLAB_ROWS", 96)
-    run_and_compare("triton", "cpu", dtype, lead=(40,), H=32, V=2500, bias=True)
+    V, H = 3001, 256
+    mpo_fast.warmup(V, H, torch.bfloat16)
+    kernels = (logprob_forward._logprob_fwd_kernel, logprob_backward._logit_grad_kernel)
+    before = [_compiled_variants(k) for k in kernels]
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).bfloat16().requires_grad_()
+    for n in (17, 1000, 4099):  # token counts of every residue mod 16, below and above 4 blocks
+        hidden = torch.randn(n, H, device="cuda").bfloat16().requires_grad_()
+        targets = torch.randint(0, V, (n,), device="cuda")
+        mpo_fast.fused_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+    assert [_compiled_variants(k) for k in kernels] == before
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="determinism is a GPU property")
+def test_triton_backward_is_deterministic():
+    """No atomics: two identical backward passes give bit-identical gradients."""
+    hidden, weight, b, targets = make_inputs((3000,), 512, 20000, torch.bfloat16, "cuda",
+                                             bias=True)
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+        out = mpo_fast.fused_logprobs(leaves[0], leaves[1], targets, bias=leaves[2],
+                                      backend="triton")
+        (out * torch.linspace(-1, 1, out.numel(), device="cuda")).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g1, g2 in zip(*grads, strict=True):
+        assert torch.equal(g1, g2)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="poisoning checks the interpreter")
@@ -214,25 +301,25 @@ def test_vocab_times_hidden_beyond_int32():
     H, V = 64, 2**25 + 3
     assert V * H > 2**31
     weight = torch.empty(V, H, dtype=torch.bfloat16)
-    for v0 in range(0, V, 2**22):  # fill in pieces: no full fp32 temporary
-        weight[v0:v0 + 2**22] = torch.randn(min(2**22, V - v0), H) * 0.3
+    for v0 in range(0, V, 2**20):  # fill in pieces: no full fp32 temporary
+        weight[v0:v0 + 2**20] = torch.randn(min(2**20, V - v0), H) * 0.3
     hidden = torch.randn(4, H, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.tensor([V - 1, V - 2, 2**31 // H, 5])
     g = torch.randn(4)
     out = mpo_fast.fused_logprobs(hidden, weight, targets, backend="torch")
     (out * g).sum().backward()
 
-    # float64 reference, chunked over the vocabulary (a full [4, V] fp64 tile is 1 GiB; fine,
-    # but a full fp64 weight would be 17 GiB)
+    # float64 reference, chunked over the vocabulary (a full fp64 weight would be 17 GiB)
     h64 = hidden.detach().double()
     lse = torch.full((4,), float("-inf"), dtype=torch.float64)
     grad_h = torch.zeros(4, H, dtype=torch.float64)
-    chunks = range(0, V, 2**22)
+    step = 2**20
+    chunks = range(0, V, step)
     for v0 in chunks:
-        z = h64 @ weight[v0:v0 + 2**22].double().T
+        z = h64 @ weight[v0:v0 + step].double().T
         lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
     for v0 in chunks:
-        w = weight[v0:v0 + 2**22].double()
+        w = weight[v0:v0 + step].double()
         p = torch.exp(h64 @ w.T - lse[:, None])
         grad_h -= (g.double()[:, None] * p) @ w
     zy = (h64 * weight[targets].double()).sum(1)

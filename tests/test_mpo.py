@@ -125,9 +125,10 @@ def pack(hidden, targets):
     return h, t, cu
 
 
+@pytest.mark.parametrize("offsets", ["tensor", "segments"])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRETING and HAS_TRITON
                                                  else []))
-def test_padded_and_packed_layouts_agree(backend):
+def test_padded_and_packed_layouts_agree(backend, offsets):
     hidden, weight, _, ref_hidden, targets = batch(B=2, T=10)
     targets[1, 3:] = -100
     targets[1, :3] = torch.randint(0, 60, (3,))  # a short row: packing really drops padding
@@ -142,6 +143,8 @@ def test_padded_and_packed_layouts_agree(backend):
             ph, pt, cu = pack(h, targets)
             pr, _, _ = pack(ref_hidden, targets)
             assert ph.shape[0] < h.shape[0] * h.shape[1]
+            if offsets == "segments":  # what packing.pack hands over: used with no host read
+                cu = mpo_fast.Segments(cu, ph.shape[0], int(cu.diff().max()))
             out = fn(ph, w, pt, cu_seqlens=cu, ref_hidden=pr, ref_weight=weight)
         out.loss.backward()
         results.append((out.loss, h.grad, w.grad, out.chosen_logps, out.metrics))
@@ -302,6 +305,48 @@ def test_pair_with_no_completion_tokens_is_finite(loss_type):
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(hidden.grad).all()
     assert (hidden.grad[1] == 0).all()
+    # the documented behaviour: an empty completion has log-prob 0 and its pair still counts
+    assert out.chosen_logps[1] == 0 and out.rejected_logps[1] == 0
+
+
+def test_a_models_packed_row_of_one():
+    """A model run on one packed row returns [1, N, H]: taken as is, same as [N, H]."""
+    hidden, weight, _, ref_hidden, targets = batch(B=2, T=7)
+    ph, pt, cu = pack(hidden, targets)
+    pr, _, _ = pack(ref_hidden, targets)
+    results = []
+    for row in (False, True):
+        h = ph.clone().requires_grad_()
+        args = (h[None], weight, pt[None]) if row else (h, weight, pt)
+        ref = pr[None] if row else pr
+        out = MPOLoss()(*args, cu_seqlens=cu, ref_hidden=ref, ref_weight=weight)
+        out.loss.backward()
+        results.append((out.loss, out.chosen_logps, h.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"needs hidden \[N, H\] \(or \[1, N, H\]\)"):
+        MPOLoss()(ph[None].expand(2, -1, -1), weight, pt, cu_seqlens=cu, ref_hidden=pr,
+                  ref_weight=weight)
+
+
+def test_preference_loss_and_mpo_loss_agree_by_default():
+    """The same sequence log-probs give the same loss and the same BCO shift, call after call,
+    from MPOLoss and from preference_loss with a kept state (both default to the running
+    mean)."""
+    fn = MPOLoss()
+    state = mpo_fast.losses.new_bco_state()
+    for _ in range(3):
+        hidden, weight, _, _, targets = batch()
+        B = hidden.shape[0] // 2
+        ref = (-torch.rand(B) * 20, -torch.rand(B) * 20)
+        out = fn(hidden, weight, targets, ref_logps=ref)
+        counts = (targets != -100).sum(-1)
+        loss, metrics = preference_loss(out.chosen_logps.detach(), out.rejected_logps.detach(),
+                                        *ref, chosen_lengths=counts[:B],
+                                        rejected_lengths=counts[B:], bco_state=state)
+        assert rel_err(out.loss, loss) <= 1e-6
+        assert metrics["bco/delta"] == pytest.approx(out.metrics["bco/delta"].item(), rel=1e-6)
+    assert torch.allclose(state, fn.bco_state)
 
 
 def test_orpo_with_average_log_prob_zero_is_finite():
@@ -349,16 +394,23 @@ def test_bad_layouts_and_references():
     fn = MPOLoss()
     with pytest.raises(ValueError, match="need 2B sequences"):
         fn(hidden[:3], weight, targets[:3], ref_hidden=ref_hidden[:3], ref_weight=weight)
+    with pytest.raises(ValueError, match="ref_weight has V=59 rows but weight has V=60"):
+        fn(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=weight[:59])
+    with pytest.raises(ValueError, match="segments cover 21 tokens but targets has 20"):
+        fn(hidden.reshape(-1, 16), weight, targets.reshape(-1),
+           cu_seqlens=mpo_fast.Segments.padded(3, 7))
     ph, pt = hidden.reshape(-1, 16), targets.reshape(-1)
     N = pt.shape[0]
     with pytest.raises(ValueError, match="need 2B sequences"):
         fn(ph, weight, pt, cu_seqlens=torch.tensor([0, 5, 10, N], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to N=20"):
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 19 but targets has 20 tokens"):
         fn(ph, weight, pt, cu_seqlens=torch.tensor([0, 5, 10, 15, 19], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+    with pytest.raises(ValueError, match=r"non-decreasing .* cu_seqlens\[1\] = 12 > "):
         fn(ph, weight, pt, cu_seqlens=torch.tensor([0, 12, 10, 15, 20], dtype=torch.int32))
-    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer"):
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
         fn(ph, weight, pt, cu_seqlens=torch.tensor([0.0, 5, 10, 15, 20]))
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        fn(ph, weight, pt, cu_seqlens=torch.tensor([0, 5, 10, 15, 20]))  # int64
     with pytest.raises(ValueError, match="packed layout"):
         fn(hidden, weight, targets, cu_seqlens=torch.tensor([0, 5, 10, 15, 20]))
     with pytest.raises(ValueError, match="padded layout needs"):

@@ -13,16 +13,16 @@ from conftest import DEVICES, requires_cuda
 from mpo_fast import packing
 
 HAS_EXT = packing._C is not None
-IMPLS = ["torch"] + (["extension"] if HAS_EXT else [])
+BACKENDS = ["torch"] + (["extension"] if HAS_EXT else [])
 requires_ext = pytest.mark.skipif(not HAS_EXT, reason="mpo_fast._C is not built")
 
 # (S, T): one sequence, tiny, typical, large S
 SHAPES = [(1, 1), (1, 23), (6, 37), (513, 9)]
 
 
-def need_kernel(device: str, impl: str) -> None:
+def need_kernel(device: str, backend: str) -> None:
     """Skip when the extension was built without kernels for this device (CUDA on a CPU build)."""
-    if impl == "extension" and device == "cuda" and not packing._EXT_CUDA:
+    if backend == "extension" and device == "cuda" and not packing._EXT_CUDA:
         pytest.skip("the extension was built without CUDA kernels")
 
 
@@ -72,15 +72,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S,T", SHAPES)
 @pytest.mark.parametrize("rest,dtype", [((), torch.int64), ((), torch.int32), ((3,), torch.float32),
                                         ((2, 5), torch.bfloat16), ((4,), torch.bool)])
-def test_pack_matches_loop_reference(device, impl, S, T, rest, dtype):
-    need_kernel(device, impl)
+def test_pack_matches_loop_reference(device, backend, S, T, rest, dtype):
+    need_kernel(device, backend)
     x = random_padded(S, T, rest, dtype, device)
     lengths = random_lengths(S, T, device)
-    p = packing.pack(x, lengths, impl=impl)
+    p = packing.pack(x, lengths, backend=backend)
     tokens, cu, positions = loop_pack(x.cpu(), lengths.cpu())
     assert torch.equal(p.tokens.cpu(), tokens)
     assert p.cu_seqlens.dtype == torch.int32 and torch.equal(p.cu_seqlens.cpu(), cu)
@@ -90,19 +90,19 @@ def test_pack_matches_loop_reference(device, impl, S, T, rest, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S,T", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_roundtrip(device, impl, S, T, dtype):
-    need_kernel(device, impl)
+def test_roundtrip(device, backend, S, T, dtype):
+    need_kernel(device, backend)
     x = random_padded(S, T, (7,), dtype, device)
     lengths = random_lengths(S, T, device)
-    p = packing.pack(x, lengths, impl=impl)
-    back = packing.unpack(p.tokens, p.cu_seqlens, T, impl=impl)
+    p = packing.pack(x, lengths, backend=backend)
+    back = packing.unpack(p.tokens, p.cu_seqlens, T, backend=backend)
     valid = torch.arange(T, device=device)[None, :] < lengths[:, None]
     assert torch.equal(back, torch.where(valid[..., None], x, torch.zeros_like(x)))
-    assert torch.equal(p.pack_like(back, impl=impl), p.tokens)
-    assert torch.equal(p.unpack(p.tokens, impl=impl), back)
+    assert torch.equal(p.pack_like(back, backend=backend), p.tokens)
+    assert torch.equal(p.unpack(p.tokens, backend=backend), back)
 
 
 @requires_ext
@@ -116,33 +116,33 @@ def test_extension_bit_identical_to_fallback(device, S, T, dtype):
     flat[torch.randint(0, flat.numel(), (min(4, flat.numel()),), device=device)] = torch.tensor(
         [math.nan, -0.0, math.inf, -math.inf], dtype=dtype, device=device)[: min(4, flat.numel())]
     lengths = random_lengths(S, T, device)
-    a = packing.pack(x, lengths, impl="extension")
-    b = packing.pack(x, lengths, impl="torch")
+    a = packing.pack(x, lengths, backend="extension")
+    b = packing.pack(x, lengths, backend="torch")
     for name in ("tokens", "cu_seqlens", "position_ids"):
         assert torch.equal(bits(getattr(a, name)), bits(getattr(b, name))), name
-    ua = packing.unpack(a.tokens, a.cu_seqlens, T, impl="extension")
-    ub = packing.unpack(b.tokens, b.cu_seqlens, T, impl="torch")
+    ua = packing.unpack(a.tokens, a.cu_seqlens, T, backend="extension")
+    ub = packing.unpack(b.tokens, b.cu_seqlens, T, backend="torch")
     assert torch.equal(bits(ua), bits(ub))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_out_buffers(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffers(backend):
     S, T = 9, 31
     x = torch.randn(S, T, 4)
-    p = packing.pack(x, random_lengths(S, T), impl=impl)
+    p = packing.pack(x, random_lengths(S, T), backend=backend)
     out = torch.full((p.num_tokens, 4), math.nan)
-    assert packing.pack_values(x, p.cu_seqlens, p.num_tokens, out=out, impl=impl) is out
+    assert packing.pack_values(x, p.cu_seqlens, p.num_tokens, out=out, backend=backend) is out
     assert torch.equal(out, p.tokens)
     padded = torch.full((S, T, 4), math.nan)  # every byte is rewritten, padding included
-    assert packing.unpack(out, p.cu_seqlens, T, out=padded, impl=impl) is padded
-    assert torch.equal(padded, packing.unpack(p.tokens, p.cu_seqlens, T, impl=impl))
+    assert packing.unpack(out, p.cu_seqlens, T, out=padded, backend=backend) is padded
+    assert torch.equal(padded, packing.unpack(p.tokens, p.cu_seqlens, T, backend=backend))
     with pytest.raises(ValueError, match="out must have shape"):
-        packing.unpack(out, p.cu_seqlens, T, out=torch.empty(S, T + 1, 4), impl=impl)
+        packing.unpack(out, p.cu_seqlens, T, out=torch.empty(S, T + 1, 4), backend=backend)
     with pytest.raises(TypeError, match="out must have dtype"):
         packing.unpack(out, p.cu_seqlens, T, out=torch.empty(S, T, 4, dtype=torch.float64),
-                       impl=impl)
+                       backend=backend)
     with pytest.raises(ValueError, match="not differentiable"):
-        packing.unpack(out.requires_grad_(), p.cu_seqlens, T, out=padded, impl=impl)
+        packing.unpack(out.requires_grad_(), p.cu_seqlens, T, out=padded, backend=backend)
 
 
 def test_total_and_max_seqlen_arguments():
@@ -161,8 +161,8 @@ def test_total_and_max_seqlen_arguments():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gradcheck_pack_unpack(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_pack_unpack(backend):
     S, T = 4, 6
     lengths = random_lengths(S, T)
     x = torch.randn(S, T, 3, dtype=torch.float64, requires_grad=True)
@@ -171,10 +171,10 @@ def test_gradcheck_pack_unpack(impl):
     v = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
 
     def pk(t):
-        return packing.pack_values(t, cu, n, impl=impl)
+        return packing.pack_values(t, cu, n, backend=backend)
 
     def up(t):
-        return packing.unpack(t, cu, T, impl=impl)
+        return packing.unpack(t, cu, T, backend=backend)
 
     assert torch.autograd.gradcheck(pk, (x,))
     assert torch.autograd.gradcheck(up, (v,))
@@ -182,34 +182,34 @@ def test_gradcheck_pack_unpack(impl):
     assert torch.autograd.gradgradcheck(up, (v,))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_backward_of_each_is_the_other(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_of_each_is_the_other(backend):
     S, T = 7, 10
     x = torch.randn(S, T, 5, requires_grad=True)
-    p = packing.pack(x, random_lengths(S, T), impl=impl)
+    p = packing.pack(x, random_lengths(S, T), backend=backend)
     g = torch.randn_like(p.tokens)
     (gx,) = torch.autograd.grad(p.tokens, x, g)
-    assert torch.equal(gx, packing.unpack(g, p.cu_seqlens, T, impl=impl))
+    assert torch.equal(gx, packing.unpack(g, p.cu_seqlens, T, backend=backend))
     v = p.tokens.detach().requires_grad_()
     gu = torch.randn(S, T, 5)
-    (gv,) = torch.autograd.grad(packing.unpack(v, p.cu_seqlens, T, impl=impl), v, gu)
-    assert torch.equal(gv, p.pack_like(gu, impl=impl))
+    (gv,) = torch.autograd.grad(packing.unpack(v, p.cu_seqlens, T, backend=backend), v, gu)
+    assert torch.equal(gv, p.pack_like(gu, backend=backend))
 
 
 # ----------------------------------------------------------------------------- shift_targets
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S,T", SHAPES)
 @pytest.mark.parametrize("tok_dtype", [torch.int64, torch.int32])
-def test_shift_targets_matches_reference(device, impl, S, T, tok_dtype):
-    need_kernel(device, impl)
+def test_shift_targets_matches_reference(device, backend, S, T, tok_dtype):
+    need_kernel(device, backend)
     lengths = random_lengths(S, T, device)
     ids = torch.randint(0, 1000, (S, T), device=device, dtype=tok_dtype)
     p = packing.pack(ids, lengths)
     mask = torch.rand(p.num_tokens, device=device) > 0.3
-    targets = packing.shift_targets(p.tokens, p.cu_seqlens, mask, ignore_index=-7, impl=impl)
+    targets = packing.shift_targets(p.tokens, p.cu_seqlens, mask, ignore_index=-7, backend=backend)
     assert targets.dtype == torch.int64
     expected = loop_targets(p.tokens.cpu(), p.cu_seqlens.cpu(), mask.cpu(), -7)
     assert torch.equal(targets.cpu(), expected)
@@ -224,8 +224,8 @@ def test_shift_targets_semantics():
     tokens = torch.tensor([10, 11, 12, 13, 20, 21])
     cu = torch.tensor([0, 4, 6], dtype=torch.int32)
     mask = torch.tensor([0, 0, 1, 1, 0, 1])  # integer 0/1 masks are accepted
-    for impl in IMPLS:
-        got = packing.shift_targets(tokens, cu, mask, impl=impl)
+    for backend in BACKENDS:
+        got = packing.shift_targets(tokens, cu, mask, backend=backend)
         assert got.tolist() == [-100, 12, 13, -100, 21, -100]
     x = tokens.view(1, 6)
     p = packing.pack(x.repeat(2, 1), torch.tensor([4, 2]))
@@ -239,8 +239,8 @@ def test_shift_targets_bit_identical_large():
     lengths = random_lengths(S, T)
     p = packing.pack(torch.randint(0, 50000, (S, T)), lengths)
     mask = torch.rand(p.num_tokens) > 0.5
-    a = packing.shift_targets(p.tokens, p.cu_seqlens, mask, impl="extension")
-    b = packing.shift_targets(p.tokens, p.cu_seqlens, mask, impl="torch")
+    a = packing.shift_targets(p.tokens, p.cu_seqlens, mask, backend="extension")
+    b = packing.shift_targets(p.tokens, p.cu_seqlens, mask, backend="torch")
     assert torch.equal(a, b)
 
 
@@ -261,9 +261,9 @@ def test_plan_extension_matches_reference(P):
     sizes[: P // 3] = torch.randint(0, 3, (P // 3,)) * 25  # many ties and zero-size pairs
     sizes = sizes[torch.randperm(P)]
     budget = 60
-    ref = packing.plan(sizes, budget, impl="torch")
+    ref = packing.plan(sizes, budget, backend="torch")
     if HAS_EXT:
-        assert packing.plan(sizes, budget, impl="extension") == ref
+        assert packing.plan(sizes, budget, backend="extension") == ref
         assert packing.plan(sizes.tolist(), budget) == ref
     assert sorted(i for b in ref for i in b) == list(range(P))
     assert all(sum(int(sizes[i]) for i in b) <= budget for b in ref)
@@ -272,8 +272,8 @@ def test_plan_extension_matches_reference(P):
 
 def test_plan_small_example():
     # largest first: 7 -> bin0 (room 3); 5 -> bin1 (room 5); 3 -> bin0 (best fit); 2 -> bin1
-    for impl in IMPLS:
-        assert packing.plan([5, 3, 7, 2], 10, impl=impl) == [[1, 2], [0, 3]]
+    for backend in BACKENDS:
+        assert packing.plan([5, 3, 7, 2], 10, backend=backend) == [[1, 2], [0, 3]]
 
 
 def test_plan_padding_under_five_percent():
@@ -286,12 +286,12 @@ def test_plan_padding_under_five_percent():
     assert padding < 0.05, padding
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_plan_bad_inputs(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_bad_inputs(backend):
     with pytest.raises(ValueError, match=r"pair 2 has 11 tokens, more than max_tokens=10"):
-        packing.plan([3, 4, 11, 2], 10, impl=impl)
+        packing.plan([3, 4, 11, 2], 10, backend=backend)
     with pytest.raises(ValueError, match=r"pair_tokens must be >= 0, but pair_tokens\[1\] = -1"):
-        packing.plan([3, -1], 10, impl=impl)
+        packing.plan([3, -1], 10, backend=backend)
     with pytest.raises(ValueError, match="max_tokens must be positive"):
         packing.plan([3], 0)
     with pytest.raises(TypeError, match="max_tokens must be an int"):
@@ -305,66 +305,89 @@ def test_plan_bad_inputs(impl):
 # ----------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_pack_bad_inputs(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_bad_inputs(backend):
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match=r"lengths must be <= T=5 .* lengths\[1\] = 6"):
-        packing.pack(x, torch.tensor([1, 6, 2]), impl=impl)
+        packing.pack(x, torch.tensor([1, 6, 2]), backend=backend)
     with pytest.raises(ValueError, match=r"lengths must be >= 0, but lengths\[2\] = -1"):
-        packing.pack(x, torch.tensor([1, 2, -1]), impl=impl)
+        packing.pack(x, torch.tensor([1, 2, -1]), backend=backend)
     with pytest.raises(TypeError, match="lengths must be an integer tensor"):
-        packing.pack(x, torch.tensor([1.0, 2.0, 3.0]), impl=impl)
+        packing.pack(x, torch.tensor([1.0, 2.0, 3.0]), backend=backend)
     with pytest.raises(ValueError, match=r"one entry per sequence \(S=3\)"):
-        packing.pack(x, torch.tensor([1, 2]), impl=impl)
+        packing.pack(x, torch.tensor([1, 2]), backend=backend)
     with pytest.raises(ValueError, match="lengths is on meta"):
-        packing.pack(x, torch.tensor([1, 2, 3], device="meta"), impl=impl)
+        packing.pack(x, torch.tensor([1, 2, 3], device="meta"), backend=backend)
     with pytest.raises(ValueError, match="at least 2-D"):
-        packing.pack(torch.randn(5), torch.tensor([1]), impl=impl)
+        packing.pack(torch.randn(5), torch.tensor([1]), backend=backend)
     with pytest.raises(TypeError, match=r"input_ids must be a torch\.Tensor"):
-        packing.pack([[1, 2]], torch.tensor([1]), impl=impl)
+        packing.pack([[1, 2]], torch.tensor([1]), backend=backend)
     with pytest.raises(TypeError, match="total must be an int"):
-        packing.pack(x, torch.tensor([1, 2, 3]), total=6.0, impl=impl)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        packing.pack(x, torch.tensor([1, 2, 3]), impl="cuda")
+        packing.pack(x, torch.tensor([1, 2, 3]), total=6.0, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        packing.pack(x, torch.tensor([1, 2, 3]), backend="cuda")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_unpack_and_targets_bad_inputs(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpack_and_targets_bad_inputs(backend):
     v = torch.randn(6, 2)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     with pytest.raises(TypeError, match="cu_seqlens must be int32"):
-        packing.unpack(v, cu.long(), 4, impl=impl)
+        packing.unpack(v, cu.long(), 4, backend=backend)
     with pytest.raises(ValueError, match=r"step by 0..T=3, but sequence 1 has 4 tokens"):
-        packing.unpack(v, cu, 3, impl=impl)
+        packing.unpack(v, cu, 3, backend=backend)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 6 but values has 5"):
-        packing.unpack(v[:5], cu, 4, impl=impl)
-    with pytest.raises(ValueError, match=r"cu_seqlens\[0\] must be 0"):
-        packing.unpack(v, cu + 1, 4, impl=impl)
+        packing.unpack(v[:5], cu, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"starting at 0 .*but cu_seqlens\[0\] = 1"):
+        packing.unpack(v, cu + 1, 4, backend=backend)
     with pytest.raises(ValueError, match="cu_seqlens is on meta"):
-        packing.unpack(v, cu.to("meta"), 4, impl=impl)
+        packing.unpack(v, cu.to("meta"), 4, backend=backend)
     with pytest.raises(TypeError, match="T must be an int"):
-        packing.unpack(v, cu, 4.0, impl=impl)
+        packing.unpack(v, cu, 4.0, backend=backend)
     with pytest.raises(ValueError, match="S=3 sequences"):
-        packing.pack_values(torch.randn(3, 4), cu, 6, impl=impl)
+        packing.pack_values(torch.randn(3, 4), cu, 6, backend=backend)
     tokens = torch.arange(6)
     with pytest.raises(TypeError, match="completion_mask must be bool"):
-        packing.shift_targets(tokens, cu, torch.ones(6), impl=impl)
+        packing.shift_targets(tokens, cu, torch.ones(6), backend=backend)
     with pytest.raises(ValueError, match="completion_mask must have the shape"):
-        packing.shift_targets(tokens, cu, torch.ones(5, dtype=torch.bool), impl=impl)
+        packing.shift_targets(tokens, cu, torch.ones(5, dtype=torch.bool), backend=backend)
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
-        packing.shift_targets(tokens.float(), cu, torch.ones(6, dtype=torch.bool), impl=impl)
+        packing.shift_targets(tokens.float(), cu, torch.ones(6, dtype=torch.bool), backend=backend)
     with pytest.raises(ValueError, match="non-decreasing"):
         packing.shift_targets(tokens, torch.tensor([0, 4, 3, 6], dtype=torch.int32),
-                              torch.ones(6, dtype=torch.bool), impl=impl)
+                              torch.ones(6, dtype=torch.bool), backend=backend)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def test_backend_reports_the_active_implementation():
+def test_backend_reports_the_active_implementation(monkeypatch):
+    monkeypatch.delenv("MPO_FAST_PACKING", raising=False)
     name = packing.backend()
     assert name in ("cuda", "cpu", "torch")
-    assert (name == "torch") == (not HAS_EXT or packing._FORCED == "torch")
+    assert (name == "torch") == (not HAS_EXT)
+
+
+def test_environment_override_is_read_at_every_call(monkeypatch):
+    """MPO_FAST_PACKING applies to backend="auto" from the next call on; explicit wins."""
+    x, lengths = torch.randn(3, 5), torch.tensor([2, 5, 0])
+    calls = []
+    monkeypatch.setattr(packing, "_pack_torch", lambda *a, **k: calls.append(1) or
+                        torch.zeros(7))
+    monkeypatch.setenv("MPO_FAST_PACKING", "torch")
+    assert packing.backend() == "torch"
+    packing.pack(x, lengths)
+    assert calls == [1]
+    if HAS_EXT:
+        packing.pack(x, lengths, backend="extension")  # an explicit choice wins
+        assert calls == [1]
+        monkeypatch.setenv("MPO_FAST_PACKING", "extension")
+        assert packing.backend() in ("cpu", "cuda")
+        packing.pack(x, lengths)
+        assert calls == [1]
+    monkeypatch.setenv("MPO_FAST_PACKING", "cuda")
+    with pytest.raises(ValueError, match="MPO_FAST_PACKING must be one of"):
+        packing.pack(x, lengths)
 
 
 @requires_ext
@@ -384,15 +407,15 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(ops.shift_targets.default, (p.tokens.long(), p.cu_seqlens, mask, -100))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_torch_compile_fullgraph(impl):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     S, T = 4, 9
     x = torch.randn(S, T, 2, requires_grad=True)
     p = packing.pack(x.detach(), random_lengths(S, T))
 
     def f(padded, cu):
-        packed = packing.pack_values(padded, cu, p.num_tokens, impl=impl)
-        return packing.unpack(packed * 2, cu, T, impl=impl)
+        packed = packing.pack_values(padded, cu, p.num_tokens, backend=backend)
+        return packing.unpack(packed * 2, cu, T, backend=backend)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     out = compiled(x, p.cu_seqlens)
@@ -403,9 +426,9 @@ def test_torch_compile_fullgraph(impl):
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", IMPLS)
-def test_cuda_no_host_sync_when_total_is_given(impl):
-    if impl == "extension" and not packing._EXT_CUDA:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_no_host_sync_when_total_is_given(backend):
+    if backend == "extension" and not packing._EXT_CUDA:
         pytest.skip("the extension was built without CUDA kernels")
     S, T = 16, 128
     lengths = random_lengths(S, T, "cuda")
@@ -415,9 +438,9 @@ def test_cuda_no_host_sync_when_total_is_given(impl):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        p = packing.pack(x, lengths, total=n, max_seqlen=T, impl=impl)
-        back = p.unpack(p.tokens, impl=impl)
-        packing.shift_targets(p.tokens[:, 0].long(), p.cu_seqlens, mask, impl=impl)
+        p = packing.pack(x, lengths, total=n, max_seqlen=T, backend=backend)
+        back = p.unpack(p.tokens, backend=backend)
+        packing.shift_targets(p.tokens[:, 0].long(), p.cu_seqlens, mask, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     ref = packing.pack(x.cpu(), lengths.cpu())
