@@ -1,4 +1,4 @@
-"""Attention over packed sequences, for Hugging Face models (DESIGN.md §4).
+"""Attention over packed sequences, for Hugging Face models (docs/DESIGN.md §4).
 
 A packed row holds many sequences back to back (`mpo_fast.packing.pack`); attention must stay
 inside each one. `varlen_attention` does that on ``[N, H, D]`` tensors, with the first of these

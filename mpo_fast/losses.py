@@ -1,6 +1,6 @@
 """The preference-loss table, its config, and the functional core `preference_loss`.
 
-Notation (DESIGN.md §3.3): c, r = summed completion log-probs of chosen / rejected under the
+Notation (docs/DESIGN.md §3.3): c, r = summed completion log-probs of chosen / rejected under the
 policy, c0, r0 the same under the reference, L_c, L_r their completion token counts,
 zc = c - c0, zr = r - r0, D = zc - zr, s = sigmoid, ls = logsigmoid, e = label_smoothing.
 Each loss below is per pair; the total is sum_k w_k * mean_over_pairs(loss_k) ("sft" is

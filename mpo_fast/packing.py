@@ -1,4 +1,4 @@
-"""Padding-free packing of preference batches (DESIGN.md §4).
+"""Padding-free packing of preference batches (docs/DESIGN.md §4).
 
 A micro-batch of S sequences padded to length T (for MPO, S = 2B: the B chosen sequences, then
 the B rejected ones, pair i = (i, B + i)) becomes one flat row of N = sum(lengths) tokens:

@@ -99,6 +99,7 @@ def forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None)
             m = z.amax(dim=1, keepdim=True)
             tile_lse = m.squeeze(1) + z.sub_(m).exp_().sum(dim=1).log_()
             run = torch.logaddexp(run, tile_lse)
+            del z  # free the tile before the next one is made: one tile alive, not two
         lse[t0:t0 + tc] = run
         zy[t0:t0 + tc] = zy_c
     return lse, zy
@@ -138,6 +139,7 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, 
                 gw_c.addmm_(da.T, hc)
             if need_b:
                 gb[v0:v1] += da.sum(dim=0)
+            del z, t, da  # one tile alive at a time (see the workspace bound above)
         if need_w and not direct:
             gw[v0:v1].copy_(gw_c)
     cast = lambda x, dt: None if x is None else x.to(dt)

@@ -1,4 +1,4 @@
-"""Float64 references written straight from DESIGN.md, independent of the library's code."""
+"""Float64 references written straight from docs/DESIGN.md, independent of the library's code."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def seq_logps(token_logps, targets, ignore_index=-100):
 
 
 def pair_losses(loss_type, c, r, c0, r0, Lc, Lr, beta, e=0.0, delta=0.0, tau=0.05):
-    """Per-pair loss straight from the DESIGN.md §3.3 table (float64, differentiable)."""
+    """Per-pair loss straight from the docs/DESIGN.md §3.3 table (float64, differentiable)."""
     ls, s = torch.nn.functional.logsigmoid, torch.sigmoid
     zc, zr = c - c0, r - r0
     D = zc - zr

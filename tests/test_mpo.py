@@ -1,4 +1,4 @@
-"""MPOLoss against a float64 reference written from DESIGN.md §3.3, on both layouts."""
+"""MPOLoss against a float64 reference written from docs/DESIGN.md §3.3, on both layouts."""
 
 from __future__ import annotations
 
