@@ -4,6 +4,7 @@ import json
 import random
 from dataclasses import replace
 
+import pytest
 import torch
 
 from mpo_fast.pairs.answers import match_answer, parse_response
@@ -59,7 +60,16 @@ def _sequence_logps(model, gen, pairs, root):
     return seq[:len(pairs)], seq[len(pairs):]
 
 
-def test_mpo_standin_learns_the_preference(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared CPU run fastest on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_mpo_standin_learns_the_preference(tmp_path, one_thread):
     rng = random.Random()
     items = write_split(tmp_path, "img", 4, rng)
     pairs = []
@@ -99,7 +109,7 @@ def test_run_miniature_calls_the_pluggable_train_fn(tmp_path):
         return None  # trained in place
 
     cfg = MiniatureConfig(sft_steps=2, sft_batch=4, pair_questions=2, num_samples=2,
-                          test_questions=3, max_new_tokens=6, gen_batch=8, threads=None)
+                          test_questions=3, max_new_tokens=6, gen_batch=8)
     logs = []
     result = run_miniature(tmp_path, cfg, train_fn=train_fn, log=logs.append)
     meta = tmp_path / "pairs" / "meta.json"

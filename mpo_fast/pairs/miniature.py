@@ -61,10 +61,10 @@ MINI_COT_INSTRUCTION = ("{question}\nReason step by step, then end with "
 @dataclass(frozen=True)
 class MiniatureConfig:
     seed: int = 0
-    max_total: int = 6  # shapes per image: 1..max_total
-    n_colors: int = 2  # red, blue (, green)
+    max_total: int = 9  # shapes per image: 1..max_total
+    n_colors: int = 3  # red, blue, green
     # SFT warm-up (on freshly generated examples, half direct, half CoT)
-    sft_steps: int = 250
+    sft_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 2e-3
     # correctness pairs from the model's own samples
@@ -77,7 +77,7 @@ class MiniatureConfig:
     # MPO
     mpo_epochs: int = 2
     mpo_batch: int = 16  # pairs per step
-    mpo_lr: float = 3e-4
+    mpo_lr: float = 1e-4
     beta: float = 0.1
     mpo_loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")
     mpo_loss_weights: tuple[float, ...] | None = None  # None: the paper's 0.8 / 0.2 / 1.0
