@@ -15,7 +15,7 @@ prompts' order. The model runs where it lives (`model.device`): on GPU when it w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,8 +133,7 @@ class Generator:
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt], *, desc: str = "generate",
-                 sampling: SamplingConfig | None = None,
-                 on_batch: Callable[[int], None] | None = None, **overrides) -> list[str]:
+                 sampling: SamplingConfig | None = None, **overrides) -> list[str]:
         """One answer per prompt (the continuation for prefilled prompts), in order.
         `overrides` replace fields of the sampling config (e.g. ``do_sample=False``)."""
         cfg = replace(sampling or self.sampling, **overrides)
@@ -147,8 +146,6 @@ class Generator:
             texts = self._generate([prompts[i] for i in idx], cfg)
             for i, t in zip(idx, texts, strict=True):
                 out[i] = t
-            if on_batch is not None:
-                on_batch(len(idx))
         return out
 
     def _generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> list[str]:
