@@ -104,13 +104,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(args: argparse.Namespace) -> int:
+    from .pairs.cli import main as pairs_main  # transformers loads only for this command
+
+    return pairs_main(args.rest)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "versions, backends and devices", _no_arguments, _info),
     Command("version", "print the version", _no_arguments, _version),
     Command("bench", "benchmarks against the peers: mpo-fast bench [mpo|head|packing|accuracy|"
             "all] [--quick] [--out DIR] (python -m bench --help)", _no_arguments, _bench,
             passthrough=True),
-    # train, pairs: added with mpo_fast.train and mpo_fast.pairs.
+    Command("pairs", "make MMPR preference pairs: mpo-fast pairs [correctness|dropout-ntp|"
+            "demo] ... (mpo-fast pairs --help)", _no_arguments, _pairs, passthrough=True),
+    # train: added with mpo_fast.train.
 )
 
 
