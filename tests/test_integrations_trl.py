@@ -103,7 +103,7 @@ TEXT_CASES = {
     "robust+aot_unpaired": ({"loss_type": ["robust", "aot_unpaired"], "label_smoothing": 0.1},
                             {}),
     "precomputed_reference": ({**MPO, "precompute_ref_log_probs": True}, {}),
-    "padding_free": ({**MPO, "padding_free": True}, {}),
+    "padding_free": ({**MPO, "padding_free": True, "gradient_checkpointing": True}, {}),
     "sigmoid_norm (TRL's loss code)": ({"loss_type": ["sigmoid_norm", "sft"]}, {}),
 }
 

@@ -24,8 +24,10 @@ Label conventions (as TRL's ``add_fused_lm_head`` and HF's losses):
 
 Options fixed at install time (`FusedHead`): which per-token statistics to return (entropy,
 mean logit, top-1 hit, log sum p^2: one extra no-grad pass over the vocabulary, chunked),
-whether to pack a padded batch into one row inside the forward (padding-free; the text stack
-then uses `mpo_fast.attention`'s packed attention for the call), whether to encode a pair's
+whether to pack a padded batch into one row inside the forward (padding-free: position ids
+restart per sequence and no attention mask is passed, so transformers' sdpa/eager/flex mask
+keeps attention inside each sequence, and the flash-attention implementations or
+`mpo_fast.attention` read the cu_seq_lens kwargs), whether to encode a pair's
 images once when the collator repeated them for chosen and rejected, the temperature, the
 fp32 head of TRL's ``cast_lm_head_to_fp32``, and the kernel backend.
 
@@ -236,8 +238,7 @@ def _run(model, head: FusedHead, args, kwargs, labels, shift_labels, num_items_i
     layout = _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen)
     if head.encode_images_once:
         _encode_images_once(model.base_model, kwargs)
-    with _packed_attention(text_config, layout.segments is not None):
-        backbone = model.base_model(**kwargs)
+    backbone = model.base_model(**kwargs)
     hidden = backbone.last_hidden_state
     if "hidden_states" in head.outputs and mpo_loss is None:
         return FusedOutput(last_hidden_state=hidden, label_mask=layout.per_token(
@@ -290,6 +291,7 @@ def _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen) -
         if kwargs.get("attention_mask") is not None:
             raise ValueError("a packed call (cu_seqlens) takes no attention_mask")
         _refuse_mrope(model)
+        _check_packed_attention(model)
         N = shift_labels.numel()
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -317,6 +319,7 @@ def _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen) -
 def _pack_call(model, kwargs, targets, mask, drop_last) -> _Layout:
     """Padding-free: the right-padded [S, T] batch becomes one row of N real tokens."""
     _refuse_mrope(model)
+    _check_packed_attention(model)
     lengths = mask.sum(1)
     real = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
     if not torch.equal(real, mask.bool()):
@@ -345,19 +348,21 @@ def _refuse_mrope(model):
             "does not build yet; keep padding for this model")
 
 
-@contextlib.contextmanager
-def _packed_attention(text_config, packed: bool):
-    """During a packed call, the text stack attends within sequences only: its attention
-    becomes mpo_fast's packed attention unless it is already a varlen implementation."""
-    current = text_config._attn_implementation
-    if not packed or current in _PACKED_CAPABLE:
-        yield
+def _check_packed_attention(model):
+    """A packed row needs attention that stays inside each sequence. transformers >= 5 builds
+    that mask itself from position ids restarting at 0 (sdpa, eager, flex); the flash-attention
+    implementations and mpo_fast's read cu_seq_lens. Older transformers would attend across
+    sequences without a word: refuse."""
+    impl = model.config.get_text_config()._attn_implementation
+    if impl in _PACKED_CAPABLE:
         return
-    text_config._attn_implementation_internal = attention.register()
-    try:
-        yield
-    finally:
-        text_config._attn_implementation_internal = current
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        raise NotImplementedError(
+            f"padding-free packing with attn_implementation={impl!r} needs transformers >= 5 "
+            "(which masks packed rows by their position ids); load the model with "
+            "attn_implementation='flash_attention_2' or mpo_fast.attention.register()")
 
 
 @contextlib.contextmanager

@@ -25,8 +25,9 @@ shift) inside the model's forward, so DDP / FSDP reduce the head's gradients. Th
 is a frozen model (``ref_model``; a frozen copy of the policy is made when none is given) or
 per-pair reference log-probs carried by the dataset (columns ``ref_chosen_logps``,
 ``ref_rejected_logps``). `PreferenceCollator` pads pairs (chosen rows, then rejected rows) or
-packs them into one padding-free row (``packed=True``; the text stack then attends within
-each sequence through `mpo_fast.attention`). Metrics are logged under TRL's names.
+packs them into one padding-free row (``packed=True``: position ids restart per sequence and
+the boundaries travel as ``cu_seqlens``, so attention stays inside each sequence). Metrics are
+logged under TRL's names.
 """
 
 from __future__ import annotations

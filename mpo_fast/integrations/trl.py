@@ -30,8 +30,9 @@ loss code on mpo-fast's log-probs instead (`fused_loss_blocker` says why).
 
 What TRL cannot do, on request:
     padding-free pairs   ``DPOConfig(padding_free=True)`` (TRL 1.16 turns it off): each padded
-                         batch is packed into one row inside the forward, and the text stack
-                         attends within sequences (`mpo_fast.attention`); not for M-RoPE models
+                         batch is packed into one row inside the forward, position ids
+                         restarting per sequence (attention stays inside each: transformers'
+                         own mask, or cu_seq_lens for flash-attention); not for M-RoPE models
     images once per pair ``encode_images_once=True``: TRL's vision collator repeats each pair's
                          images for chosen and rejected; the vision tower then runs on one copy
                          and the features are reused (transformers' ``mm_encoder_outputs``)
@@ -180,7 +181,7 @@ class FusedDPOTrainer(DPOTrainer):
             softcap=_Logits.of(text_config).softcap, discopop_tau=self.args.discopop_tau,
             backend=backend)
         if vision_precompute:
-            self._precompute_vision_reference(user_ref=bound.arguments.get("ref_model"))
+            self._precompute_vision_reference()
 
     # ------------------------------------------------------------------ loss
 
@@ -291,10 +292,10 @@ class FusedDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ VLM reference cache
 
-    def _precompute_vision_reference(self, user_ref):
+    def _precompute_vision_reference(self):
         """TRL refuses precomputed reference log-probs for vision datasets; compute them once
         here (through the fused head), add them as dataset columns, and let the collator carry
-        them."""
+        them. The reference model is not needed afterwards: the trainer lets go of it."""
         batch = self.args.precompute_ref_batch_size
         self.train_dataset = self._vision_ref_column(
             self.train_dataset, batch or self.args.per_device_train_batch_size)
@@ -307,8 +308,7 @@ class FusedDPOTrainer(DPOTrainer):
                 self.eval_dataset, batch or self.args.per_device_eval_batch_size)
         self.data_collator = _WithReferenceLogps(self.data_collator)
         self.precompute_ref_logps = True
-        if user_ref is None:
-            self.ref_model = None  # TRL built one for the precompute only; free it
+        self.ref_model = None
 
     def _vision_ref_column(self, dataset, batch_size: int):
         from datasets import IterableDataset
