@@ -49,10 +49,11 @@ def _config(folder, **overrides) -> DPOConfig:
     return DPOConfig(**{**base, **overrides})
 
 
-def _step(cls, tmp_path, model, ref, rows, processing, fused_kwargs=None, **config):
-    """One training step; (logged metrics, gradients, trainer)."""
+def _step(cls, tmp_path, model, ref, rows, processing, fused_kwargs=None, both=None, **config):
+    """One training step; (logged metrics, gradients, trainer). ``fused_kwargs`` go to
+    FusedDPOTrainer only, ``both`` to either trainer."""
     grads = _Grads()
-    kwargs = fused_kwargs or {}
+    kwargs = {**(both or {}), **((fused_kwargs or {}) if cls is FusedDPOTrainer else {})}
     trainer = cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref),
                   args=_config(tmp_path, **config), train_dataset=Dataset.from_list(rows),
                   processing_class=processing, callbacks=[grads], **kwargs)
@@ -130,6 +131,37 @@ def test_text_step_matches_trl(case, text_setup, tmp_path, spy_mpo_loss, monkeyp
     assert bool(packs) == (case == "padding_free")
     if case == "precomputed_reference":
         assert "ref_chosen_logps" in trainer.train_dataset.column_names
+
+
+def test_peft_reference_matches_trl(text_setup, tmp_path):
+    """No reference model: TRL's reference is the policy with its LoRA adapter disabled."""
+    peft = pytest.importorskip("peft")
+    tok = text_setup
+    model = _tiny.causal_lm(tok)
+    rows = _tiny.pairs(4, seed=int(torch.randint(0, 2**31, ())))
+    lora = {"peft_config": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])}
+    expected = _step(DPOTrainer, tmp_path, model, None, rows, tok, both=lora, **MPO)
+    ours = _step(FusedDPOTrainer, tmp_path, model, None, rows, tok, both=lora, **MPO)
+    assert ours[2].ref_model is None and ours[2].mpo_loss is not None
+    assert all("lora_" in name for name in ours[1])
+    _assert_same(expected, ours)
+
+
+def test_moe_router_loss_matches_trl(text_setup, tmp_path):
+    """A Mixture-of-Experts policy: TRL adds router_aux_loss_coef * the load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = text_setup
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model, ref = MixtralForCausalLM(cfg), MixtralForCausalLM(cfg)
+    rows = _tiny.pairs(4, seed=int(torch.randint(0, 2**31, ())))
+    expected = _step(DPOTrainer, tmp_path, model, ref, rows, tok, **MPO)
+    ours = _step(FusedDPOTrainer, tmp_path, model, ref, rows, tok, **MPO)
+    assert expected[0]["aux_loss"] > 0
+    _assert_same(expected, ours)
 
 
 def test_evaluation_matches_trl(text_setup, tmp_path):

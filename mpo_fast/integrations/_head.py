@@ -479,7 +479,7 @@ def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Returns:
         name -> ``targets``-shaped tensor (fp32; bool for is_top1), 0 / False where skipped.
         z = softcap*tanh((h W^T + b)/softcap) / temperature, as `mpo_fast.fused_logprobs`.
-        Scored rows go through in chunks whose fp32 logits stay under 256 MiB: one extra
+        Scored rows go through in chunks whose two fp32 [rows, V] tiles stay under 256 MiB: one extra
         forward GEMM over the vocabulary (2 N H V FLOPs), no [N, V] tensor.
     """
     H, V = weight.shape[1], weight.shape[0]
@@ -488,27 +488,25 @@ def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     h2 = hidden.reshape(-1, H)
     out = {n: torch.zeros(flat.shape[0], device=flat.device,
                           dtype=torch.bool if n == "is_top1" else torch.float32) for n in names}
-    step = max(1, _STATS_WORKSPACE_BYTES // (3 * 4 * V))
+    step = max(1, _STATS_WORKSPACE_BYTES // (2 * 4 * V))  # two fp32 [rows, V] tiles: z, p
     for start in range(0, rows.shape[0], step):
         r = rows[start:start + step]
         z = (h2.index_select(0, r) @ weight.T).float()
         if bias is not None:
             z += bias.float()
         if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
+            z = torch.tanh_(z / softcap).mul_(softcap)
         z /= temperature
-        lse = torch.logsumexp(z, -1)
-        for name in names:
-            out[name][r] = _statistic(name, z, lse, flat.index_select(0, r))
+        t = flat.index_select(0, r)
+        if "mean_logits" in names:
+            out["mean_logits"][r] = z.mean(-1)
+        if "is_top1" in names:
+            out["is_top1"][r] = z.argmax(-1) == t
+        if "entropy" in names or "log_sum_sq_probs" in names:
+            lse = torch.logsumexp(z, -1)
+            p = (z - lse[:, None]).exp_()
+            if "entropy" in names:  # -sum p log p = lse - sum p z
+                out["entropy"][r] = lse - torch.linalg.vecdot(p, z)
+            if "log_sum_sq_probs" in names:
+                out["log_sum_sq_probs"][r] = torch.linalg.vecdot(p, p).log()
     return {n: v.view(targets.shape) for n, v in out.items()}
-
-
-def _statistic(name, z, lse, t):
-    if name == "mean_logits":
-        return z.mean(-1)
-    if name == "is_top1":
-        return z.argmax(-1) == t
-    logp = z - lse[:, None]
-    if name == "entropy":
-        return -(logp.exp() * logp).sum(-1)
-    return torch.logsumexp(2 * logp, -1)  # log_sum_sq_probs
