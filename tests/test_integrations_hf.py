@@ -222,8 +222,9 @@ def test_mpo_trainer_step_equals_mpo_loss_by_hand(tok, tmp_path, packed, referen
     trainer.train()
     logs = trainer.state.log_history[0]
     assert logs["loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
-    for key, value in expected.metrics.items():
-        assert logs[key] == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
+    for key, value in expected.metrics.items():  # rewards: fp32 vs float64 reference sums
+        tol = 2e-5 if key.startswith(("rewards/", "bco/")) else 1e-6
+        assert logs[key] == pytest.approx(value.item(), rel=1e-5, abs=tol), key
     # the state is a mean of ~1e-2 rewards with fp32 (trainer) vs float64 (hand) references
     assert torch.allclose(trainer.loss_fn.bco_state, by_hand_loss.bco_state, rtol=1e-5,
                           atol=1e-6)

@@ -503,10 +503,11 @@ def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         if "is_top1" in names:
             out["is_top1"][r] = z.argmax(-1) == t
         if "entropy" in names or "log_sum_sq_probs" in names:
-            lse = torch.logsumexp(z, -1)
-            p = (z - lse[:, None]).exp_()
-            if "entropy" in names:  # -sum p log p = lse - sum p z
-                out["entropy"][r] = lse - torch.linalg.vecdot(p, z)
+            peak = z.amax(-1)
+            e = (z - peak[:, None]).exp_()  # p = e / s, one exp pass
+            s = e.sum(-1)
+            if "entropy" in names:  # -sum p log p = log s + peak - sum p z
+                out["entropy"][r] = s.log() + peak - torch.linalg.vecdot(e, z) / s
             if "log_sum_sq_probs" in names:
-                out["log_sum_sq_probs"][r] = torch.linalg.vecdot(p, p).log()
+                out["log_sum_sq_probs"][r] = torch.linalg.vecdot(e, e).log() - 2 * s.log()
     return {n: v.view(targets.shape) for n, v in out.items()}

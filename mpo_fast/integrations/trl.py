@@ -54,7 +54,8 @@ import torch
 import trl
 from packaging.version import Version
 from torch.utils.data import DataLoader
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import get_config_model_id
 
 from ..losses import LOSS_TYPES
 from ..mpo import MPOLoss
@@ -148,9 +149,11 @@ class FusedDPOTrainer(DPOTrainer):
             raise ValueError(f"bco_delta must be one of {BCO_DELTAS}, got {bco_delta!r}")
         bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
         config, dataset = bound.arguments.get("args"), bound.arguments.get("train_dataset")
-        if config is None:
-            raise ValueError("FusedDPOTrainer needs args=DPOConfig(...) (it reads the loss and "
-                             "head options from it)")
+        if config is None:  # TRL's default config, made here since we read it first
+            model = bound.arguments["model"]
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            config = bound.arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
+            args, kwargs = bound.args[1:], bound.kwargs
         blocker = fused_loss_blocker(config)
         if bco_delta == "running_mean" and blocker is not None:
             raise ValueError(f"bco_delta='running_mean' needs MPOLoss to compute the loss, but "
