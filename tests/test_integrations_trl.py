@@ -173,6 +173,23 @@ def test_moe_router_loss_matches_trl(text_setup, tmp_path):
     _assert_same(expected, ours)
 
 
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precomputed"])
+def test_reference_equal_to_the_policy_ties_like_trl(text_setup, tmp_path, precompute):
+    """The first step of a standard run: the reference is the policy, so TRL logs rewards of
+    exactly 0 and an accuracy of 0 (no chosen reward > rejected). Ours must too: the reference
+    is scored with the policy's rows and summed with the policy's reductions."""
+    tok = text_setup
+    model = _tiny.causal_lm(tok)
+    rows = _tiny.pairs(4, seed=int(torch.randint(0, 2**31, ())))
+    config = {**MPO, "precompute_ref_log_probs": precompute}
+    expected = _step(DPOTrainer, tmp_path, model, model, rows, tok, **config)
+    ours = _step(FusedDPOTrainer, tmp_path, model, model, rows, tok, **config)
+    for logs in (expected[0], ours[0]):
+        assert logs["rewards/chosen"] == logs["rewards/margins"] == 0.0
+        assert logs["rewards/accuracies"] == 0.0
+    _assert_same(expected, ours)
+
+
 def test_evaluation_matches_trl(text_setup, tmp_path):
     tok = text_setup
     model, ref = _tiny.causal_lm(tok), _tiny.causal_lm(tok)

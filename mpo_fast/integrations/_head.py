@@ -7,8 +7,13 @@ with mpo-fast's kernels, never building ``[N, V]`` logits:
 
     model(..., labels=labels)                  per-token log-probs + the token-mean NLL
     model(..., labels=labels, mpo_loss=fn,     the whole preference loss (`mpo_fast.MPOLoss`),
-          ref_logps=(ref_chosen, ref_rejected))  its metrics and sequence log-probs
+          ref_logps=(ref_chosen, ref_rejected))  its metrics and sequence log-probs; or the
+          or ref_hidden=h0, ref_weight=w0)     reference's hidden states and head, scored in
+                                               the same pass (same rows, same reductions)
     model(..., fused_lm_head=True)             the same call convention as TRL >= 1.15
+    model(..., return_hidden_states=True)      the backbone's last_hidden_state only
+    model(..., labels=labels,                  also [S] sequence sums, reduced exactly as
+          return_sequence_logps=True)          MPOLoss reduces the policy's on this layout
 
 Every other call (no labels, no ``mpo_loss``, no ``fused_lm_head``) goes to the original
 forward, so ``generate`` and logits-based evaluation are unchanged. Because the head runs inside
@@ -81,7 +86,9 @@ class FusedOutput(ModelOutput):
         aux_loss: MoE load-balancing loss, when router logits were requested.
         chosen_logps, rejected_logps: ``[B]`` summed completion log-probs (``mpo_loss`` only).
         metrics: `mpo_fast.MPOLoss` metrics, TRL names (``mpo_loss`` only).
-        last_hidden_state: the backbone's final hidden states (``output="hidden_states"``).
+        sequence_logps: ``[S]`` summed log-probs per sequence (``return_sequence_logps=True``).
+        last_hidden_state: the backbone's final hidden states (``output="hidden_states"`` or
+            ``return_hidden_states=True``).
     """
 
     loss: torch.Tensor | None = None
@@ -95,6 +102,7 @@ class FusedOutput(ModelOutput):
     chosen_logps: torch.Tensor | None = None
     rejected_logps: torch.Tensor | None = None
     metrics: dict | None = None
+    sequence_logps: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -185,20 +193,41 @@ def installed(model: torch.nn.Module) -> FusedHead | None:
     return None if state is None else state.head
 
 
+@dataclass
+class _Call:
+    """The fused-call keywords of one forward (see the module docstring)."""
+
+    labels: torch.Tensor | None = None
+    shift_labels: torch.Tensor | None = None
+    num_items_in_batch: torch.Tensor | int | None = None
+    mpo_loss: MPOLoss | None = None
+    ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None
+    ref_hidden: torch.Tensor | None = None  # the reference's hidden states, same layout
+    ref_weight: torch.Tensor | None = None  # the reference's LM head
+    ref_bias: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    return_hidden_states: bool = False  # this call: the backbone's output only
+    return_sequence_logps: bool = False  # also [S] sums, reduced as MPOLoss reduces them
+
+
+_CALL_KEYS = frozenset(_Call.__dataclass_fields__)
+
+
 def _fused_forward_of(cls):
     # keep the class forward's signature: `generate` and HF Trainer inspect it
     @functools.wraps(cls.forward)
-    def forward(self, *args, fused_lm_head: bool = False, labels=None, shift_labels=None,
-                num_items_in_batch=None, mpo_loss: MPOLoss | None = None, ref_logps=None,
-                cu_seqlens=None, max_seqlen=None, **kwargs):
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         state = self.__dict__["_mpo_fast_head"]
-        fused = fused_lm_head or mpo_loss is not None or cu_seqlens is not None or (
-            labels is not None or shift_labels is not None)
-        if not fused:
+        call = _Call(**{k: kwargs.pop(k) for k in _CALL_KEYS & kwargs.keys()})
+        fused = fused_lm_head or any(v is not None for v in (
+            call.labels, call.shift_labels, call.mpo_loss, call.cu_seqlens))
+        if not fused and not call.return_hidden_states:
             original = state.previous or types.MethodType(cls.forward, self)
+            if call.num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = call.num_items_in_batch
             return original(*args, **kwargs)
-        return _run(self, state.head, args, kwargs, labels, shift_labels, num_items_in_batch,
-                    mpo_loss, ref_logps, cu_seqlens, max_seqlen)
+        return _run(self, state.head, args, kwargs, call)
 
     return forward
 
@@ -224,49 +253,63 @@ class _Layout:
         values = self.packed.unpack(values) if self.packed is not None else values.view(self.shape)
         return values[:, :-1] if self.drop_last else values
 
+    def sequence_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """[S] per-sequence sums of per-token values, reduced as `MPOLoss`'s torch epilogue
+        reduces the policy's (`Segments.sum` of the same layout): a reference computed here
+        and a policy equal to it give bitwise-equal sums, so rewards tie exactly at 0."""
+        segs = self.segments
+        if segs is None:
+            S = self.shape[0] if len(self.shape) > 1 else 1
+            segs = Segments.padded(S, values.numel() // S, values.device)
+        return segs.sum(values.reshape(-1))
 
-def _run(model, head: FusedHead, args, kwargs, labels, shift_labels, num_items_in_batch,
-         mpo_loss, ref_logps, cu_seqlens, max_seqlen) -> FusedOutput:
+
+def _run(model, head: FusedHead, args, kwargs, call: _Call) -> FusedOutput:
     text_config = model.config.get_text_config()
     kwargs["use_cache"] = False
-    if getattr(text_config, "output_router_logits", False) and mpo_loss is None:
+    if getattr(text_config, "output_router_logits", False) and call.mpo_loss is None:
         kwargs.setdefault("output_router_logits", True)
     if args:  # HF forwards take input_ids first
         kwargs["input_ids"], args = args[0], args[1:]
         if args:
             raise TypeError("the fused forward takes input_ids positionally, the rest by name")
-    layout = _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen)
+    layout = _layout(model, head, kwargs, call)
     if head.encode_images_once:
         _encode_images_once(model.base_model, kwargs)
     backbone = model.base_model(**kwargs)
     hidden = backbone.last_hidden_state
-    if "hidden_states" in head.outputs and mpo_loss is None:
-        return FusedOutput(last_hidden_state=hidden, label_mask=layout.per_token(
-            layout.targets != IGNORE_INDEX))
+    if call.mpo_loss is None and (call.return_hidden_states or "hidden_states" in head.outputs):
+        return FusedOutput(last_hidden_state=hidden,
+                           label_mask=layout.per_token(layout.targets != IGNORE_INDEX))
 
-    lm_head = model.get_output_embeddings()
     logits = _Logits.of(text_config)
-    weight, bias = lm_head.weight, lm_head.bias
-    if type(weight).__name__ == "DTensor":  # FSDP2: the head's full weight for the fused op
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
+    lm_head = model.get_output_embeddings()
+    weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     targets = layout.targets.to(weight.device)
-    with _head_precision(hidden, weight, head.fp32) as dtype:
-        h, w, b = _scaled(hidden.to(weight.device, dtype), weight.to(dtype),
-                          None if bias is None else bias.to(dtype), logits.scale)
+    with _head_precision(weight, head.fp32) as dtype:
+        h, w, b = _prepared(hidden, weight, bias, dtype, logits.scale)
         out = FusedOutput()
-        if mpo_loss is not None:
-            _check_loss_head(mpo_loss, head, logits)
-            res = mpo_loss(h, w, targets, cu_seqlens=layout.segments, bias=b, ref_logps=ref_logps)
+        if call.mpo_loss is not None:
+            _check_loss_head(call.mpo_loss, head, logits)
+            ref = {"ref_logps": call.ref_logps}
+            if call.ref_hidden is not None:
+                rh, rw, rb = _prepared(call.ref_hidden, _full(call.ref_weight),
+                                       _full(call.ref_bias), dtype, logits.scale)
+                ref = {"ref_hidden": rh, "ref_weight": rw, "ref_bias": rb}
+            res = call.mpo_loss(h, w, targets, cu_seqlens=layout.segments, bias=b, **ref)
             out.loss, out.metrics = res.loss, res.metrics
             out.chosen_logps, out.rejected_logps = res.chosen_logps, res.rejected_logps
         else:
-            logp = fused_logprobs(h, w, targets.view(h.shape[:-1]), bias=b, temperature=head.temperature,
-                                  softcap=logits.softcap, backend=head.backend)
-            count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else None
-            denom = count.clamp(min=1) if count is not None else num_items_in_batch
-            out.loss = -logp.sum() / denom
+            logp = fused_logprobs(h, w, targets.view(h.shape[:-1]), bias=b,
+                                  temperature=head.temperature, softcap=logits.softcap,
+                                  backend=head.backend)
+            if call.num_items_in_batch is None:
+                out.loss = -logp.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            else:
+                out.loss = -logp.sum() / call.num_items_in_batch
             out.log_probs = layout.per_token(logp)
+            if call.return_sequence_logps:
+                out.sequence_logps = layout.sequence_sums(logp)
         if head.statistics:
             stats = token_statistics(h, w, b, targets.view(h.shape[:-1]), head.statistics,
                                      temperature=head.temperature, softcap=logits.softcap)
@@ -274,14 +317,33 @@ def _run(model, head: FusedHead, args, kwargs, labels, shift_labels, num_items_i
                 setattr(out, name, layout.per_token(value))
     out.label_mask = layout.per_token(targets != IGNORE_INDEX)
     if kwargs.get("output_router_logits") and getattr(backbone, "router_logits", None) is not None:
-        out.aux_loss = _router_loss(model, text_config, backbone, kwargs)
-        if mpo_loss is None:
-            out.loss = out.loss + getattr(text_config, "router_aux_loss_coef", 0.0) * out.aux_loss
+        out.aux_loss = _router_loss(text_config, backbone, kwargs)
+        if call.mpo_loss is None:
+            coef = getattr(text_config, "router_aux_loss_coef", 0.0)
+            out.loss = out.loss + coef * out.aux_loss
     return out
 
 
-def _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen) -> _Layout:
+def _full(t):
+    """FSDP2 shards parameters as DTensors: the fused op takes the whole head."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _prepared(hidden, weight, bias, dtype, scale: float):
+    """Hidden states, weight and bias on the head's device, in its dtype, with the model's
+    logit scale folded in: s*(hW + b) = (s*h)W + s*b, so the fused op needs no extra parameter."""
+    hidden = hidden.to(weight.device, dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if scale == 1.0:
+        return hidden, weight, bias
+    return hidden * scale, weight, None if bias is None else bias * scale
+
+
+def _layout(model, head, kwargs, call: _Call) -> _Layout:
     """Work out the targets and the packing of this call; edits ``kwargs`` for the backbone."""
+    labels, shift_labels, cu_seqlens = call.labels, call.shift_labels, call.cu_seqlens
+    max_seqlen = call.max_seqlen
     if labels is not None and shift_labels is not None:
         raise ValueError("pass labels (unshifted) or shift_labels (shifted), not both")
     if cu_seqlens is not None:  # the caller packed the batch
@@ -299,7 +361,7 @@ def _layout(model, head, kwargs, labels, shift_labels, cu_seqlens, max_seqlen) -
         kwargs.update(attention.attention_kwargs(segs))
         return _Layout(shift_labels.reshape(-1), tuple(shift_labels.shape), segs)
     if labels is None and shift_labels is None:
-        if "hidden_states" not in head.outputs:
+        if "hidden_states" not in head.outputs and not call.return_hidden_states:
             raise ValueError("a fused call needs labels (or shift_labels, or mpo_loss with "
                              "labels): the fused head scores the next-token labels")
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -366,7 +428,7 @@ def _check_packed_attention(model):
 
 
 @contextlib.contextmanager
-def _head_precision(hidden, weight, fp32: bool):
+def _head_precision(weight, fp32: bool):
     """Yield the head's compute dtype, with autocast off inside."""
     device_type = weight.device.type
     autocast = torch.is_autocast_enabled(device_type)
@@ -380,14 +442,6 @@ def _head_precision(hidden, weight, fp32: bool):
         yield dtype
 
 
-def _scaled(hidden, weight, bias, scale: float):
-    """Fold the model's logit scale into the hidden states (and bias): s*(hW + b) =
-    (s*h)W + s*b, so the fused op needs no extra parameter."""
-    if scale == 1.0:
-        return hidden, weight, bias
-    return hidden * scale, weight, None if bias is None else bias * scale
-
-
 def _check_loss_head(loss_fn: MPOLoss, head: FusedHead, logits: _Logits):
     cfg = loss_fn.head_config
     if cfg.softcap != logits.softcap or cfg.temperature != head.temperature:
@@ -398,7 +452,7 @@ def _check_loss_head(loss_fn: MPOLoss, head: FusedHead, logits: _Logits):
             f"temperature={head.temperature})")
 
 
-def _router_loss(model, text_config, backbone, kwargs):
+def _router_loss(text_config, backbone, kwargs):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     num_experts = getattr(text_config, "num_experts", None) or getattr(

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from ..layout import Segments
 from ..mpo import MPOLoss
 from ._head import (
     STATISTICS,
@@ -269,12 +268,12 @@ class MPOTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         if all(k in inputs for k in _REF_KEYS):
-            ref = tuple(inputs.pop(k) for k in _REF_KEYS)
+            ref = {"ref_logps": tuple(inputs.pop(k) for k in _REF_KEYS)}
         else:
             ref = self._reference(inputs)
         mode = "train" if model.training else "eval"
         with frozen_loss_state(self.loss_fn, frozen=mode == "eval"):
-            out = model(**inputs, mpo_loss=self.loss_fn, ref_logps=ref)
+            out = model(**inputs, mpo_loss=self.loss_fn, **ref)
         names = list(out.metrics)
         values = torch.stack([out.metrics[k].float() for k in names])
         for k, v in zip(names, self.accelerator.gather_for_metrics(values[None]).mean(0).tolist(),
@@ -283,20 +282,18 @@ class MPOTrainer(transformers.Trainer):
         return (out.loss, out) if return_outputs else out.loss
 
     @torch.no_grad()
-    def _reference(self, inputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _reference(self, inputs) -> dict:
+        """The reference's hidden states and LM head, for `MPOLoss` to score with the policy's
+        rows and reductions (a policy equal to its reference gets rewards of exactly 0)."""
         if not self.loss_fn.loss_config.needs_reference:
-            return None
+            return {}
         if self.ref_model is None:
             raise ValueError("this loss needs a reference: give MPOTrainer a ref_model, or "
                              "dataset columns ref_chosen_logps / ref_rejected_logps")
-        out = self.ref_model(**inputs)
-        logp = out.log_probs
-        if "cu_seqlens" in inputs:  # packed row: sum per sequence
-            segs = Segments(inputs["cu_seqlens"], logp.numel(), int(inputs["max_seqlen"]))
-            seq = segs.sum(logp.reshape(-1))
-        else:
-            seq = logp.sum(dim=1)
-        return seq.chunk(2)
+        out = self.ref_model(**inputs, return_hidden_states=True)
+        head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
+        return {"ref_hidden": out.last_hidden_state, "ref_weight": head.weight,
+                "ref_bias": head.bias}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

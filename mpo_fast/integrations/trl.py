@@ -68,6 +68,9 @@ _MIN, _MAX = Version("1.15"), Version("2")
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 _NON_MODEL_KEYS = {"completion_mask", *_REF_KEYS}
 _TRL_TO_MPO = {"aot_unpaired": "aot_pair"}  # TRL's names where ours differ
+# MPOLoss's per-pair metrics TRL logs (TRL's order), then the BCO shift
+_PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "bco/delta")
 BCO_DELTAS = ("none", "running_mean")
 
 
@@ -198,14 +201,14 @@ class FusedDPOTrainer(DPOTrainer):
             model_kwargs["output_router_logits"] = True
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        ref = self._reference_logps(inputs, model_kwargs, labels)
+        ref = self._reference(inputs, model_kwargs, labels)
         with frozen_loss_state(self.mpo_loss, frozen=mode == "eval"):
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True,
-                            mpo_loss=self.mpo_loss, ref_logps=ref)
+                            mpo_loss=self.mpo_loss, **ref)
         loss = outputs.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-        self._log_metrics(mode, inputs, outputs, ref)
+        self._log_metrics(mode, inputs, outputs)
         if return_outputs:  # TRL's deprecated path: logits for compute_metrics, recomputed
             with torch.no_grad():
                 outputs = model(**model_kwargs)
@@ -218,36 +221,62 @@ class FusedDPOTrainer(DPOTrainer):
         return ("ipo" in self.loss_types and self._bco_delta == "none"
                 and bool(inputs["completion_mask"][:, 0].any()))
 
-    def _reference_logps(self, inputs, model_kwargs, labels):
-        """(ref_chosen [B], ref_rejected [B]): precomputed, or a no-grad reference forward
-        through the fused head, as TRL's `_compute_loss` does it."""
+    def _reference(self, inputs, model_kwargs, labels) -> dict:
+        """The reference for the policy's forward: precomputed sequence log-probs, or the
+        reference's hidden states and LM head from a no-grad backbone pass (the reference model,
+        or the policy with its PEFT adapter disabled, as TRL's `_compute_loss` picks), which
+        `MPOLoss` scores with the policy's rows and reductions."""
         if self.precompute_ref_logps:
-            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            return {"ref_logps": (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])}
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with self._reference_context():
+            if self.ref_model is None:
+                out = self.model(**kwargs, labels=labels, return_hidden_states=True)
+                head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+            else:
+                out = self.ref_model(**kwargs, labels=labels, return_hidden_states=True)
+                head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
+        return {"ref_hidden": out.last_hidden_state, "ref_weight": head.weight,
+                "ref_bias": head.bias}
+
+    @contextlib.contextmanager
+    def _reference_context(self):
+        """No grad, no gradient checkpointing, and with PEFT and no reference model the
+        adapter disabled (or the "ref" adapter), as in TRL."""
         from accelerate.utils import is_peft_model
         from trl.models.utils import disable_gradient_checkpointing
         from trl.trainer.utils import use_adapter
 
-        kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        with torch.no_grad(), disable_gradient_checkpointing(
-                self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model) and self.ref_model is None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(disable_gradient_checkpointing(
+                self.model, self.args.gradient_checkpointing_kwargs))
+            if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 name = "ref" if "ref" in unwrapped.peft_config else None
-                with use_adapter(unwrapped, adapter_name=name):
-                    out = self.model(**kwargs, labels=labels, fused_lm_head=True)
-            else:
-                out = self.ref_model(**kwargs, labels=labels, fused_lm_head=True)
-        seq_len = labels.shape[1] - 1
-        return out.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+                stack.enter_context(use_adapter(unwrapped, adapter_name=name))
+            yield
 
-    def _log_metrics(self, mode, inputs, outputs, ref):
-        """TRL's metrics, under TRL's names, with the same gathers, in two gathers and one sync."""
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch (TRL's precompute): summed as `MPOLoss`
+        sums the policy's, so a policy still equal to its reference gets rewards of exactly 0,
+        as with TRL."""
+        if self._fused_blocker is not None:  # TRL's loss code: TRL's own sums (ld_alpha...)
+            return super().compute_ref_log_probs(model, inputs)
+        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        with self._reference_context(), self.accelerator.autocast():
+            out = model(**kwargs, labels=labels, return_sequence_logps=True)
+        return out.sequence_logps.chunk(2, dim=0)
+
+    def _log_metrics(self, mode, inputs, outputs):
+        """TRL's metrics, under TRL's names and with its gathers, from the head's statistics
+        and `MPOLoss`'s per-rank means (weighted by pairs across ranks); one host sync."""
         acc, metrics = self.accelerator, self._metrics[mode]
         shift_mask = inputs["completion_mask"][..., 1:]
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        names, sums = [], []
-        if self.aux_loss_enabled:
-            names.append("aux_loss")
+        sums = []
         if self._head_metrics:
             seq_len = shift_mask.shape[1]
             ent = outputs.entropy[:, -seq_len:]
@@ -259,21 +288,18 @@ class FusedDPOTrainer(DPOTrainer):
                      (c_top1 & chosen_mask.bool()).sum()]
         if mode == "train":
             sums.append(inputs["attention_mask"].sum())
-        summed = []
+        parts = []
+        if self.aux_loss_enabled:
+            parts.append(acc.gather_for_metrics(outputs.aux_loss.detach().float()).mean())
         if sums:
-            summed = acc.gather_for_metrics(
-                torch.stack([s.float() for s in sums])[None]).sum(0)
-        beta = self.beta
-        cr = beta * (outputs.chosen_logps.detach() - ref[0])
-        rr = beta * (outputs.rejected_logps.detach() - ref[1])
-        pairs = torch.stack([cr, rr, (cr > rr).float(), cr - rr,
-                             outputs.chosen_logps.detach(), outputs.rejected_logps.detach()], 1)
-        means = acc.gather(pairs).mean(0)
-        extra = [acc.gather_for_metrics(outputs.aux_loss).mean()] if self.aux_loss_enabled else []
-        delta = [outputs.metrics["bco/delta"]] if self._bco_delta == "running_mean" else []
-        values = torch.cat([t.reshape(-1).float() for t in (*extra, summed, means, *delta)
-                            if torch.is_tensor(t)]).tolist()  # the one host sync
-        if extra:
+            parts.append(acc.gather_for_metrics(torch.stack([s.float() for s in sums])[None])
+                         .sum(0))
+        pairs = float(outputs.chosen_logps.shape[0])
+        means = torch.stack([outputs.metrics[k].float() for k in _PAIR_METRICS])
+        weighted = acc.gather(torch.cat([means.new_tensor([pairs]), means * pairs])[None]).sum(0)
+        parts.append(weighted[1:] / weighted[0])
+        values = torch.cat([t.reshape(-1) for t in parts]).tolist()  # the one host sync
+        if self.aux_loss_enabled:
             metrics["aux_loss"].append(values.pop(0))
         if self._head_metrics:
             ent_sum, tok, c_sum, c_tok, r_sum, r_tok, correct = values[:7]
@@ -286,12 +312,9 @@ class FusedDPOTrainer(DPOTrainer):
             metrics["logits/chosen"].append(c_sum / c_tok if c_tok > 0 else 0.0)
             metrics["logits/rejected"].append(r_sum / r_tok if r_tok > 0 else 0.0)
             metrics["mean_token_accuracy"].append(correct / c_tok if c_tok > 0 else 0.0)
-        for key, value in zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                               "rewards/margins", "logps/chosen", "logps/rejected"), values,
-                              strict=False):
-            metrics[key].append(value)
-        if delta:
-            metrics["bco/delta"].append(values[6])
+        for key, value in zip(_PAIR_METRICS, values, strict=True):
+            if key != "bco/delta" or self._bco_delta == "running_mean":
+                metrics[key].append(value)
 
     # ------------------------------------------------------------------ VLM reference cache
 
