@@ -14,8 +14,9 @@
 `patch_model` puts mpo-fast's fused head (`mpo_fast.fused_logprobs`) inside the model's
 forward: a call with ``labels`` (or ``shift_labels``, or ``fused_lm_head=True``) runs the
 backbone (``model.base_model``, which for a VLM includes the image injection) and scores the
-labels from the final hidden states; with ``mpo_loss=MPOLoss(...)`` and ``ref_logps`` it returns
-the whole preference loss (see `mpo_fast.integrations._head` for every convention). The plain
+labels from the final hidden states; with ``mpo_loss=MPOLoss(...)`` and ``ref_logps`` (or the
+reference's ``ref_hidden`` and ``ref_weight``) it returns the whole preference loss (see
+`mpo_fast.integrations._head` for every convention). The plain
 Trainer hook ``compute_loss_func(outputs, labels, num_items_in_batch)`` runs after the logits
 exist and outside the forward, so it cannot save their memory and escapes ZeRO-3/FSDP2; hence
 a Trainer subclass.

@@ -2,7 +2,8 @@
 
     from mpo_fast.integrations.trl import FusedDPOTrainer
     trainer = FusedDPOTrainer(model=model, ref_model=ref, args=DPOConfig(...,
-                              loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+                              loss_type=["sigmoid", "bco_pair", "sft"],
+                              loss_weights=[0.8, 0.2, 1.0]),
                               train_dataset=ds, processing_class=tokenizer)
 
 Same arguments, `DPOConfig`, datasets, collators, reference handling (a reference model, the
@@ -13,11 +14,17 @@ How it plugs in (TRL >= 1.15): TRL gives the policy and reference models a fused
 (``trl.trainer.dpo_trainer.add_fused_lm_head``) and calls them with ``fused_lm_head=True``. While
 this trainer is built, that function installs mpo-fast's head instead (`_head.install`), so every
 log-prob TRL asks for — training, evaluation, precomputing the reference — comes from
-`mpo_fast.fused_logprobs`. `_compute_loss` then runs the reference forward first and hands the
-reference log-probs to the policy forward, which computes the whole loss with `mpo_fast.MPOLoss`
-(fused epilogue) inside ``model.forward``: under DDP / FSDP the LM head's gradients are reduced
-like every other parameter's (TRL 1.9-1.12's ``use_liger_kernel`` ran its loss outside the
-wrapper, and they never were).
+`mpo_fast.fused_logprobs`. `_compute_loss` then runs the reference backbone first (no grad) and
+hands its hidden states and LM head (or the precomputed reference log-probs) to the policy's
+forward, which computes the whole loss with `mpo_fast.MPOLoss` (reference and policy scored on
+the same rows, summed by the same fused epilogue) inside ``model.forward``: under DDP / FSDP the
+LM head's gradients are reduced like every other parameter's (TRL 1.9-1.12's
+``use_liger_kernel`` ran its loss outside the wrapper, and they never were). TRL's metrics
+(entropy, mean logits, top-1 accuracy of the chosen tokens) come from one extra no-grad pass
+over the vocabulary (`_head.token_statistics`); ``head_metrics=False`` skips it.
+
+Supported: ``trl>=1.15,<2`` (`SUPPORTED_TRL`; tested on 1.16.0, also run on 1.15.0), checked
+when the trainer is built.
 
 Semantics. By default the results are the installed TRL's: ``bco_pair`` has no reward shift
 (``bco_delta="none"``), and every loss type keeps TRL's definition. ``bco_delta="running_mean"``
@@ -140,7 +147,8 @@ class FusedDPOTrainer(DPOTrainer):
             "running_mean" (the MPO paper's shift; needs a loss MPOLoss can express).
         head_metrics: log TRL's ``entropy``, ``logits/chosen``, ``logits/rejected`` and
             ``mean_token_accuracy`` (default). They need one extra no-grad pass over the
-            vocabulary (about a fifth of the head's FLOPs); False skips them.
+            vocabulary (a fifth of the head's GEMM FLOPs plus an exp pass; on a CPU about one
+            policy head forward); False skips them and drops those four metrics.
         encode_images_once: run the vision tower once per pair (see the module docstring).
         backend: `mpo_fast.fused_logprobs` backend ("auto", "triton", "torch").
     """
@@ -148,6 +156,7 @@ class FusedDPOTrainer(DPOTrainer):
     def __init__(self, *args, bco_delta: str = "none", head_metrics: bool = True,
                  encode_images_once: bool = False, backend: str = "auto", **kwargs):
         check_trl_version()
+        _refuse_zero3()
         if bco_delta not in BCO_DELTAS:
             raise ValueError(f"bco_delta must be one of {BCO_DELTAS}, got {bco_delta!r}")
         bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
@@ -178,7 +187,6 @@ class FusedDPOTrainer(DPOTrainer):
         finally:
             for name, value in saved.items():
                 setattr(config, name, value)
-        _refuse_zero3()
         text_config = self.model.config.get_text_config()
         types = [_TRL_TO_MPO.get(t, t) for t in self.loss_types]
         self.mpo_loss = None if blocker else MPOLoss(
