@@ -4,9 +4,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 # what the benchmarks need: the peers they compare against (TRL's trainer needs datasets and
 # pandas), a progress bar and plots
-BENCH_DEPS := liger-kernel trl datasets pandas cut-cross-entropy tqdm matplotlib
+BENCH_DEPS := liger-kernel trl==1.16.0 datasets pandas cut-cross-entropy tqdm matplotlib
+# the integration tests compare against TRL 1.16 itself (and its PEFT reference path)
 TEST_DEPS := "triton>=3.1; platform_system=='Linux'" pybind11 ninja pytest pytest-benchmark \
-	"transformers>=4.45" ruff
+	"transformers>=4.45" ruff trl==1.16.0 datasets peft tqdm pyyaml safetensors pillow
 
 # `make setup` installs and builds only when something it depends on changed: the stamp is
 # keyed on the extension's sources, setup.py, pyproject.toml and the interpreter, and is
@@ -17,7 +18,7 @@ SETUP_KEY := $(shell { cat setup.py pyproject.toml csrc/*; echo "$(PYTHON)"; } 2
 STAMP := build/setup-$(SETUP_KEY).stamp
 CHECK_INSTALL := import os, importlib.util as u, mpo_fast._C, mpo_fast.kernels as k; \
 	assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')), k.__file__; \
-	assert all(u.find_spec(m) for m in ('pytest', 'transformers'))
+	assert all(u.find_spec(m) for m in ('pytest', 'transformers', 'trl', 'peft', 'yaml'))
 
 .PHONY: setup install peers test test-slow demo bench lint
 
