@@ -79,7 +79,8 @@ class MPOLoss(nn.Module):
         self.loss_config = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta,
                                       discopop_tau)
         self.head_config = HeadConfig(ignore_index, temperature, softcap, backend)
-        # BCO running mean and count (count starts at ~0, so the first batch sets the mean)
+        # BCO running mean and count (count starts at ~0, so the first batch sets the mean);
+        # updated by calls in training mode only
         self.register_buffer("bco_state", new_bco_state())
 
     def extra_repr(self) -> str:
@@ -132,8 +133,11 @@ class MPOLoss(nn.Module):
             self.bco_state = self.bco_state.to(logp.device)
         backend = resolve_backend(head.backend, logp.device, hidden.dtype)
         count = segs.count(rows).to(logp.dtype)
+        # eval() scores with this batch folded into the running mean but keeps the state as
+        # it was: evaluating never moves the reward shift training will use
+        state = self.bco_state if self.training else self.bco_state.clone()
         loss, seq, vec = Epilogue.apply(logp, ref_logp, ref_seq, count, segs, self.loss_config,
-                                        self.bco_state, backend)
+                                        state, backend)
         metrics = dict(zip(self.loss_config.metric_names, vec, strict=True))
         return MPOOutput(loss, metrics, seq[:B], seq[B:])
 

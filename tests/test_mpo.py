@@ -230,6 +230,24 @@ def test_running_delta_is_the_cumulative_mean(backend):
     assert fn.bco_state[1].item() == pytest.approx(4.0)
 
 
+def test_eval_mode_scores_with_the_running_mean_but_leaves_it():
+    fn = MPOLoss()
+    for _ in range(2):
+        hidden, weight, _, ref_hidden, targets = batch()
+        fn(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=weight)
+    before = fn.bco_state.clone()
+    hidden, weight, _, ref_hidden, targets = batch()
+    fn.eval()
+    evaluated = fn(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=weight)
+    assert torch.equal(fn.bco_state, before)  # evaluation never moves the training state
+    fn.train()
+    trained = fn(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=weight)
+    assert not torch.equal(fn.bco_state, before)
+    # the same batch in either mode sees the same shift: this batch folded into the mean
+    assert evaluated.metrics["bco/delta"].item() == trained.metrics["bco/delta"].item()
+    assert evaluated.loss.item() == trained.loss.item()
+
+
 def test_delta_none_is_zero():
     hidden, weight, _, ref_hidden, targets = batch()
     out = MPOLoss(bco_delta="none")(hidden, weight, targets, ref_hidden=ref_hidden,
