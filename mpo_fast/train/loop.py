@@ -31,7 +31,7 @@ from ..data.formats import DataError
 from ..mpo import MPOLoss
 from . import checkpoint, distributed, reference
 from .config import TrainConfig
-from .model import MPOModel, check_packable, load, set_attention
+from .model import MPOModel, backbone, check_packable, enable_checkpointing, load, set_attention
 
 __all__ = ["Result", "train"]
 
@@ -69,9 +69,9 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
     if cfg.packing:
         check_packable(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.freeze_vision:
-        model.base_model.vision_tower.requires_grad_(False)
+        backbone(model).vision_tower.requires_grad_(False)
     model.to(ctx.device).train()
     ref = reference.make(cfg, model, examples, tokenize, ctx, out_dir, autocast, amp)
     loss_fn = MPOLoss(cfg.beta, cfg.loss_types, cfg.loss_weights, cfg.label_smoothing,

@@ -26,7 +26,7 @@ from ..attention import attention_kwargs, register
 from ..data.collate import Batch
 from ..mpo import MPOLoss, MPOOutput
 
-__all__ = ["MPOModel", "check_packable", "count_calls", "hidden_states", "image_features",
+__all__ = ["MPOModel", "backbone", "check_packable", "count_calls", "enable_checkpointing", "hidden_states", "image_features",
            "lm_head", "load", "set_attention", "uses_mrope"]
 
 
@@ -85,9 +85,17 @@ def lm_head(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return head.weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The module that returns hidden states: ``model.base_model`` of the Hugging Face model
+    (for a PEFT model, of the model it wraps: the adapters live inside those layers)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model.base_model
+
+
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Final hidden states of the batch's tokens: ``[1, N, H]`` packed, ``[2B, T, H]`` padded."""
-    base = model.base_model
+    base = backbone(model)
     kwargs = {"use_cache": False}
     if batch.packed:
         check_packable(model)
@@ -110,7 +118,7 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
 def image_features(model: nn.Module, batch: Batch):
     """The batch's images encoded once (pair order): the backbone's ``get_image_features``
     output, whose ``pooler_output`` holds the features the image tokens take."""
-    base = model.base_model
+    base = backbone(model)
     if not hasattr(base, "get_image_features"):
         raise ValueError(f"the batch has images but {type(base).__name__} has no "
                          "get_image_features (a text-only model?)")
@@ -127,7 +135,7 @@ def _twice(x):
 
 def uses_mrope(model: nn.Module) -> bool:
     """Whether the model's positions are Qwen2-VL-style M-RoPE (3-D rotary positions)."""
-    base = getattr(model, "base_model", model)
+    base = backbone(model) if hasattr(model, "base_model") else model
     if hasattr(base, "get_rope_index"):
         return True
     config = getattr(model, "config", None)
@@ -157,6 +165,15 @@ def set_attention(model: nn.Module, packed: bool) -> None:
         model.set_attn_implementation({"text_config": name})
     else:
         model.set_attn_implementation(name)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant checkpoints)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @contextlib.contextmanager
