@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import re
 import sys
 
 from .config import TrainConfig, resolve
@@ -73,7 +76,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        note = f"(default: {_show(default)})"
+        note = f"{_notes().get(f.name, '')} (default: {_show(default)})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
                                 help=note)
@@ -81,6 +84,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, metavar="A,B,...", help=note)
         else:
             parser.add_argument(flag, default=None, type=type(default), help=note)
+
+
+@functools.cache
+def _notes() -> dict[str, str]:
+    """Each field's comment in config.py: the one description of a field."""
+    source = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
 
 
 def _show(value) -> str:

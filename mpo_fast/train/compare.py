@@ -121,7 +121,8 @@ def _packed_fused(args, device):
     model, pairs, pad = _setup(args)
     set_attention(model, packed=True)
     model.to(device).train()
-    ref = FrozenCopy(model, Context("none", 0, 1, device), torch.autocast("cpu", enabled=False))
+    ref = FrozenCopy(model, Context("none", 0, 1, device),
+                     lambda: torch.autocast(device.type, enabled=False))
     policy = MPOModel(model, MPOLoss())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = collate(pairs, pad_id=pad, packed=True).to(device)
@@ -174,6 +175,57 @@ def _padded_naive(args, device):
 CASES = {"packed+fused": _packed_fused, "padded+naive": _padded_naive}
 
 
+def image_reuse(pairs: int = 8, image_size: int = 224, repeats: int = 3) -> dict:
+    """A tiny InternVL's policy step (forward + backward, packed, fused loss) with each pair's
+    images encoded once and the features reused for chosen and rejected, against the usual
+    way (the images given again with every sequence: the vision tower sees them twice)."""
+    from PIL import Image
+
+    from ..data import Example, PairTokenizer, collate, tiny
+    from ..mpo import MPOLoss
+    from .model import MPOModel, backbone, count_calls, set_attention
+
+    tok = tiny.tiny_tokenizer()
+    model, proc = tiny.tiny_internvl(tok, image_size=image_size)
+    set_attention(model, packed=True)
+    g = torch.Generator().manual_seed(0)
+    image = lambda: Image.fromarray(torch.randint(0, 255, (image_size, image_size, 3),
+                                                  generator=g, dtype=torch.uint8).numpy())
+    tokenize = PairTokenizer(tok, proc, max_length=4096)
+    batch = collate([tokenize(Example("what color is <image> ?", "red", "blue", (image(),)), i)
+                     for i in range(pairs)], pad_id=tokenize.pad_id)
+    policy = MPOModel(model, MPOLoss())
+    ref = (torch.full((pairs,), -5.0), torch.full((pairs,), -6.0))
+    base = backbone(model)
+
+    def once():
+        policy(batch, ref).loss.backward()
+
+    def twice():  # what the model's own forward does when every sequence carries its images
+        features = base.get_image_features(pixel_values=torch.cat([batch.pixel_values] * 2),
+                                           return_dict=True)
+        hidden = base(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                      mm_encoder_outputs={"image": features}, use_cache=False,
+                      **_attention(batch)).last_hidden_state
+        policy.loss_fn(hidden[0], model.lm_head.weight, batch.targets,
+                       cu_seqlens=batch.segments, ref_logps=ref).loss.backward()
+
+    out = {"pairs": pairs, "image_tokens_per_image": proc.image_seq_length,
+           "tokens": batch.num_tokens}
+    for name, step in (("once", once), ("twice", twice)):
+        with count_calls(base.vision_tower) as calls:
+            step()
+        out[name] = {**cost(step, repeats), "vision_calls": len(calls),
+                     "images_encoded": batch.pixel_values.shape[0] * (1 if name == "once" else 2)}
+    return out
+
+
+def _attention(batch):
+    from ..attention import attention_kwargs
+
+    return attention_kwargs(batch.segments)
+
+
 def run_case(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, batch = CASES[args.case](args, device)
@@ -201,7 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--case", choices=list(CASES), help="run one case here, print its JSON")
+    p.add_argument("--images", action="store_true",
+                   help="instead: a tiny InternVL step with images encoded once vs twice")
     args = p.parse_args(argv)
+    if args.images:
+        r = image_reuse(pairs=args.pairs, repeats=args.repeats)
+        print(json.dumps(r))
+        o, t = r["once"], r["twice"]
+        print(f"InternVL (tiny, 224px images, {r['image_tokens_per_image']} tokens each), "
+              f"{r['pairs']} pairs: images encoded once {o['ms']:.0f} ms ({o['images_encoded']} "
+              f"images), twice {t['ms']:.0f} ms ({t['images_encoded']} images): "
+              f"{t['ms'] / o['ms']:.2f}x; peak +{o['peak_mib']:.0f} vs +{t['peak_mib']:.0f} MiB")
+        return 0
     if args.case:
         print(json.dumps(run_case(args)))
         return 0

@@ -22,39 +22,39 @@ class TrainConfig:
     # what to train on
     model: str = "tiny"  # "tiny" (bundled, built in code) or a Hugging Face model path / id
     data: str = "tiny"  # "tiny" (bundled task), an MMPR meta.json, or HF preference .jsonl/.json
-    output_dir: str = ""  # default: runs/<timestamp>
+    output_dir: str = ""  # where metrics and checkpoints go ("": runs/<timestamp>)
     on_bad_data: str = "skip"  # "skip" (counted, reported) or "raise"
     max_length: int = 4096  # tokens of one sequence (prompt + answer)
     # the loss (MPO, the paper's)
-    beta: float = 0.1
-    loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")
-    loss_weights: tuple[float, ...] = (0.8, 0.2, 1.0)
+    beta: float = 0.1  # KL coefficient of the preference terms
+    loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")  # any of mpo_fast.LOSS_TYPES
+    loss_weights: tuple[float, ...] = (0.8, 0.2, 1.0)  # one per loss type
     bco_delta: str = "running_mean"  # the paper's reward shift; "none" for delta = 0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cDPO / robust / exo_pair / aot
     reference: str = "copy"  # "copy" (frozen), "cached" (log-probs on disk), "adapter" (PEFT)
-    ref_cache_dir: str = ""  # default: <output_dir>/ref_cache
+    ref_cache_dir: str = ""  # for reference="cached" ("": <output_dir>/ref_cache)
     # optimization
-    lr: float = 5e-6
-    weight_decay: float = 0.05
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
+    lr: float = 5e-6  # peak learning rate (AdamW)
+    weight_decay: float = 0.05  # on matrices; biases and norms get none
+    adam_betas: tuple[float, ...] = (0.9, 0.999)  # AdamW betas
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant" (after warmup)
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
+    min_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
+    max_grad_norm: float = 1.0  # gradient clipping (global norm)
+    epochs: float = 1.0  # passes over the data (when max_steps is 0)
     max_steps: int = 0  # > 0: train this many optimizer steps (cycling the data) instead
     pairs_per_step: int = 16  # the global batch, in pairs, of one optimizer step
     max_tokens: int = 16384  # token budget of one packed micro-batch (per process)
     packing: bool = True  # False: padded batches (the naive layout), sdpa attention
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward
     freeze_vision: bool = False  # keep a VLM's vision tower frozen
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
     distributed: str = "auto"  # "auto" (DDP under torchrun), "ddp", "fsdp" or "none"
     # bookkeeping
-    seed: int = 0
-    log_every: int = 1
+    seed: int = 0  # initial weights of built models, data order
+    log_every: int = 1  # steps between metrics.jsonl records
     save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str = ""  # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint path
     progress: bool = True  # a progress bar on rank 0
 

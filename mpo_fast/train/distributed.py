@@ -34,6 +34,7 @@ class Context:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # setup() made the process group (teardown() ends it)
 
     @property
     def main(self) -> bool:
@@ -51,20 +52,23 @@ def setup(mode: str = "auto") -> Context:
         if world > 1:
             raise ValueError(f"distributed='none' but WORLD_SIZE={world}: pick ddp or fsdp")
         return Context("none", 0, 1, torch.device("cuda" if cuda else "cpu"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    return Context(mode, rank, world, device)
+    return Context(mode, rank, world, device, owns)
 
 
 def teardown(ctx: Context) -> None:
+    """End the process group if `setup` started it (a caller's own group stays)."""
     if ctx.mode != "none" and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if ctx.owns_group:
+            dist.destroy_process_group()
 
 
 def wrap(module: nn.Module, ctx: Context) -> nn.Module:

@@ -91,6 +91,9 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     step, result = 0, Result(output_dir=out_dir, model=model, loss_fn=loss_fn)
     start = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume or None
+    if not cfg.resume and checkpoint.latest(ckpt_dir):
+        raise ValueError(f"{out_dir} already has checkpoints: resume with --resume auto, or "
+                         "train into a new --output-dir")
     if start:
         step = checkpoint.load(start, policy=distributed.unwrap(policy), optimizer=optimizer,
                                scheduler=scheduler, ctx=ctx)["step"]
@@ -255,7 +258,11 @@ def progress_bar(cfg: TrainConfig, ctx, total: int, step: int):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=step, desc="mpo", unit="step", dynamic_ncols=True)
+    import sys
+
+    tty = sys.stderr.isatty()  # in a log file, a line every 15 s instead of every redraw
+    return tqdm(total=total, initial=step, desc="mpo", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if tty else 15.0)
 
 
 def default_output_dir() -> str:
