@@ -5,6 +5,7 @@ references, M-RoPE refusal, the CLI and the demo."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from mpo_fast import MPOLoss
-from mpo_fast.data import PairTokenizer, collate, load_dataset, tiny
+from mpo_fast.data import DataError, PairTokenizer, collate, load_dataset, tiny
 from mpo_fast.data.collate import TokenizedPair
 from mpo_fast.losses import new_bco_state, preference_loss
 from mpo_fast.train import checkpoint, cli, reference
@@ -357,3 +358,32 @@ def test_the_demo_runs_end_to_end_and_reports(tmp_path, capsys):
     head = summary["head"]["realistic_vocab"]
     assert head["naive"]["peak_mib"] > head["fused"]["peak_mib"]  # the logits' memory
     assert checkpoint.latest(str(out / "mpo" / "checkpoints"))
+
+
+def test_cached_reference_trains_like_the_frozen_copy(tok, tmp_path):
+    examples = tiny.make_task(24, seed=5)
+    runs = {}
+    for kind in ("copy", "cached"):
+        r = train(cfg_for(tmp_path / kind, reference=kind, max_steps=3), model=small_lm(tok),
+                  tokenizer=tok, examples=examples, log=lambda *a: None)
+        runs[kind] = [h["loss"] for h in r.history]
+    assert runs["cached"] == pytest.approx(runs["copy"], rel=1e-5)
+    cached = list((tmp_path / "cached" / "ref_cache").glob("ref_logps-*.pt"))
+    assert len(cached) == 1
+
+
+def test_bad_pairs_at_tokenization_are_skipped_or_fatal(tok, tmp_path):
+    model, proc = tiny.tiny_internvl(tok, image_size=56)
+    examples = vl_examples(tmp_path)  # prompts with images, 4 image tokens each
+    long = dataclasses.replace(examples[0], prompt="<image> " + "largest of " * 30,
+                               source="ann.jsonl:1")
+    data = [long, *examples[1:]]
+    said = []
+    r = train(cfg_for(tmp_path / "skip", pairs_per_step=len(data), max_steps=1, max_length=40),
+              model=model, tokenizer=tok, processor=proc, examples=data, log=said.append)
+    assert r.history[0]["pairs"] == len(data) - 1  # the step went on without it
+    assert any("ann.jsonl:1" in s and "image tokens" in s for s in said)
+    with pytest.raises(DataError, match=r"ann.jsonl:1: .*image tokens"):
+        train(cfg_for(tmp_path / "raise", pairs_per_step=len(data), max_steps=1, max_length=40,
+                      on_bad_data="raise"), model=model, tokenizer=tok, processor=proc,
+              examples=data, log=lambda *a: None)
