@@ -387,3 +387,23 @@ def test_bad_pairs_at_tokenization_are_skipped_or_fatal(tok, tmp_path):
         train(cfg_for(tmp_path / "raise", pairs_per_step=len(data), max_steps=1, max_length=40,
                       on_bad_data="raise"), model=model, tokenizer=tok, processor=proc,
               examples=data, log=lambda *a: None)
+
+
+def test_gemma2_softcap_and_sliding_window_match_its_own_logits():
+    """final_logit_softcapping goes to the fused head; the sliding window to packed attention."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       final_logit_softcapping=3.0, query_pre_attn_scalar=16, sliding_window=4)
+    model = Gemma2ForCausalLM(cfg)
+    pairs = random_pairs(3, 64, seed=torch.initial_seed())
+    set_attention(model, True)
+    chosen, rejected = reference.sequence_logps(model, collate(pairs, pad_id=0))
+    set_attention(model, False)
+    b = collate(pairs, pad_id=0, packed=False)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask.long()).logits
+    token = logits.log_softmax(-1).gather(-1, b.targets.clamp(min=0)[..., None])[..., 0]
+    seq = (token * (b.targets != -100)).sum(-1)
+    assert rel(chosen, seq[:3]) < 1e-5 and rel(rejected, seq[3:]) < 1e-5

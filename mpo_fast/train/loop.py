@@ -31,7 +31,15 @@ from ..data.formats import DataError
 from ..mpo import MPOLoss
 from . import checkpoint, distributed, reference
 from .config import TrainConfig
-from .model import MPOModel, backbone, check_packable, enable_checkpointing, load, set_attention
+from .model import (
+    MPOModel,
+    backbone,
+    check_packable,
+    enable_checkpointing,
+    load,
+    logit_softcap,
+    set_attention,
+)
 
 __all__ = ["Result", "train"]
 
@@ -75,7 +83,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
     model.to(ctx.device).train()
     ref = reference.make(cfg, model, examples, tokenize, ctx, out_dir, autocast, amp)
     loss_fn = MPOLoss(cfg.beta, cfg.loss_types, cfg.loss_weights, cfg.label_smoothing,
-                      cfg.bco_delta)
+                      cfg.bco_delta, softcap=logit_softcap(model))
     policy = distributed.wrap(MPOModel(model, loss_fn, amp).to(ctx.device), ctx)
 
     # ------------------------------------------------------------- optimizer and schedule

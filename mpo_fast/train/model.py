@@ -26,8 +26,9 @@ from ..attention import attention_kwargs, register
 from ..data.collate import Batch
 from ..mpo import MPOLoss, MPOOutput
 
-__all__ = ["MPOModel", "backbone", "check_packable", "count_calls", "enable_checkpointing", "hidden_states", "image_features",
-           "lm_head", "load", "set_attention", "uses_mrope"]
+__all__ = ["MPOModel", "backbone", "check_packable", "count_calls", "enable_checkpointing",
+           "hidden_states", "image_features", "lm_head", "load", "logit_softcap",
+           "set_attention", "uses_mrope"]
 
 
 def load(name: str, seed: int = 0):
@@ -70,7 +71,7 @@ class MPOModel(nn.Module):
         hidden = hidden_states(self.model, batch)
         weight, bias = lm_head(self.model, hidden.dtype if self.amp_dtype is None
                                else self.amp_dtype)
-        hidden = hidden.to(weight.dtype)
+        hidden = hidden.to(weight.dtype) * logit_scale(self.model)
         return self.loss_fn(hidden, weight, batch.targets, cu_seqlens=batch.segments, bias=bias,
                             ref_logps=ref_logps)
 
@@ -91,6 +92,23 @@ def backbone(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):  # peft.PeftModel
         model = model.get_base_model()
     return model.base_model
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def logit_scale(model: nn.Module) -> float:
+    """A constant the model multiplies its logits by (Cohere's ``logit_scale``), else 1:
+    applied to the hidden states, which is the same."""
+    return float(getattr(_text_config(model), "logit_scale", None) or 1.0)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-cap (Gemma 2's ``final_logit_softcapping``), for
+    `MPOLoss(softcap=...)` / `fused_logprobs`."""
+    return getattr(_text_config(model), "final_logit_softcapping", None)
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -159,8 +177,11 @@ def check_packable(model: nn.Module) -> None:
 
 def set_attention(model: nn.Module, packed: bool) -> None:
     """Packed batches: "mpo_fast_packed" attention in the language model (the vision tower
-    keeps its own); padded batches: "sdpa" with the attention mask."""
-    name = register() if packed else "sdpa"
+    keeps its own); padded batches: "sdpa" (or "eager") with the attention mask."""
+    if packed:
+        name = register()
+    else:  # sdpa where the model supports it (Gemma 2 does not), else eager
+        name = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
     if "text_config" in getattr(model.config, "sub_configs", {}):
         model.set_attn_implementation({"text_config": name})
     else:

@@ -28,7 +28,7 @@ from ..data.collate import Batch, collate, micro_batches
 from ..data.formats import DataError
 from ..logprobs import fused_logprobs
 from .distributed import Context, all_sum, barrier, shard
-from .model import hidden_states, lm_head
+from .model import hidden_states, lm_head, logit_scale, logit_softcap
 
 __all__ = ["AdapterDisabled", "CachedReference", "FrozenCopy", "data_key", "fingerprint", "make",
            "sequence_logps"]
@@ -71,8 +71,8 @@ def sequence_logps(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None
     hidden = hidden_states(model, batch)
     weight, bias = lm_head(model, hidden.dtype if amp_dtype is None else amp_dtype)
     targets = batch.targets
-    logp = fused_logprobs(hidden.reshape(*targets.shape, -1).to(weight.dtype), weight, targets,
-                          bias=bias)
+    hidden = hidden.reshape(*targets.shape, -1).to(weight.dtype) * logit_scale(model)
+    logp = fused_logprobs(hidden, weight, targets, bias=bias, softcap=logit_softcap(model))
     seq = batch.segments.sum(logp) if batch.packed else logp.sum(-1)
     return seq[:batch.num_pairs], seq[batch.num_pairs:]
 
