@@ -1,0 +1,189 @@
+"""The reference model's sequence log-probs, three ways; each has ``logps(batch) -> (chosen [B],
+rejected [B])`` (fp32 sums of completion-token log-probs, no grad), passed to `MPOLoss` as
+``ref_logps``.
+
+    FrozenCopy       a deep copy of the policy before training: eval mode, no grad, its own
+                     forward each micro-batch (images encoded once per pair, as the policy)
+    CachedReference  the same numbers computed once for the whole dataset, before training, and
+                     kept on disk keyed by a fingerprint of the data and the model (so a second
+                     run, or a resume, reads them); no reference model in memory while training
+    AdapterDisabled  a PEFT/LoRA policy with its adapters switched off (needs `peft`)
+
+All three go through `sequence_logps`: the backbone's hidden states and `fused_logprobs` —
+no logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..data.collate import Batch, collate, micro_batches
+from ..data.formats import DataError
+from ..logprobs import fused_logprobs
+from .distributed import Context, all_sum, barrier, shard
+from .model import hidden_states, lm_head, logit_scale, logit_softcap
+
+__all__ = ["AdapterDisabled", "CachedReference", "FrozenCopy", "data_key", "fingerprint", "make",
+           "sequence_logps"]
+
+NO_REFERENCE = frozenset({"sft", "orpo"})
+
+
+def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, autocast,
+         amp_dtype=None):
+    """The reference ``cfg.reference`` asks for (None when the loss needs none), made from
+    ``model`` before training starts (and before a resume loads trained weights)."""
+    if set(cfg.loss_types) <= NO_REFERENCE:
+        return None
+    if cfg.reference == "copy":
+        return FrozenCopy(model, ctx, autocast, amp_dtype)
+    if cfg.reference == "adapter":
+        if ctx.mode == "fsdp":
+            raise ValueError("reference='adapter' is not supported with FSDP; use 'copy' or "
+                             "'cached'")
+        return AdapterDisabled(model, autocast, amp_dtype)
+    key = fingerprint(model, data_key(examples, tokenize),
+                      {"amp": str(amp_dtype), "loss_head": "fused"})
+
+    def pair(i):
+        try:
+            return tokenize(examples[i], i)
+        except DataError:
+            return None  # skipped in training too
+
+    return CachedReference.build(
+        model, (pair, len(examples)), cfg.ref_cache_dir or os.path.join(out_dir, "ref_cache"),
+        key, ctx, max_tokens=cfg.max_tokens, pad_id=tokenize.pad_id, packed=cfg.packing,
+        autocast=autocast, amp_dtype=amp_dtype)
+
+
+@torch.no_grad()
+def sequence_logps(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of the batch's B chosen and B rejected sequences."""
+    hidden = hidden_states(model, batch)
+    weight, bias = lm_head(model, hidden.dtype if amp_dtype is None else amp_dtype)
+    targets = batch.targets
+    hidden = hidden.reshape(*targets.shape, -1).to(weight.dtype) * logit_scale(model)
+    logp = fused_logprobs(hidden, weight, targets, bias=bias, softcap=logit_softcap(model))
+    seq = batch.segments.sum(logp) if batch.packed else logp.sum(-1)
+    return seq[:batch.num_pairs], seq[batch.num_pairs:]
+
+
+class FrozenCopy(nn.Module):
+    """A frozen deep copy of ``model``; under FSDP2 sharded like the policy (this module is
+    the root whose forward unshards the copy's top-level weights)."""
+
+    def __init__(self, model: nn.Module, ctx: Context, autocast, amp_dtype=None):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.autocast, self.amp_dtype = autocast, amp_dtype
+        if ctx.mode == "fsdp":
+            shard(self)
+
+    def forward(self, batch: Batch):
+        with self.autocast():
+            return sequence_logps(self.model, batch, self.amp_dtype)
+
+    def logps(self, batch: Batch):
+        return self(batch)
+
+
+class AdapterDisabled:
+    """The PEFT policy itself with its adapters disabled (and dropout off) as the reference."""
+
+    def __init__(self, model: nn.Module, autocast, amp_dtype=None):
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("reference='adapter' needs a PEFT model (with disable_adapter); "
+                             "use reference='copy' for a full fine-tune")
+        self.model, self.autocast, self.amp_dtype = model, autocast, amp_dtype
+
+    def logps(self, batch: Batch):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter(), self.autocast():
+                return sequence_logps(self.model, batch, self.amp_dtype)
+        finally:
+            self.model.train(was_training)
+
+
+class CachedReference:
+    """Reference log-probs of every pair, looked up by the batch's dataset indices."""
+
+    def __init__(self, table: torch.Tensor, path: str = ""):
+        self.table, self.path = table, path  # fp32 [P, 2]: (chosen, rejected)
+
+    def logps(self, batch: Batch):
+        rows = self.table[torch.tensor(batch.index)].to(batch.targets.device, non_blocking=True)
+        return rows[:, 0], rows[:, 1]
+
+    @classmethod
+    def build(cls, model: nn.Module, tokenized, cache_dir: str, key: str, ctx: Context, *,
+              max_tokens: int, pad_id: int, packed: bool, autocast, amp_dtype=None
+              ) -> CachedReference:
+        """Load the cache ``cache_dir/ref_logps-<key>.pt``, or compute it with ``model`` (the
+        policy before training), every rank a share, and write it once (atomically).
+
+        ``tokenized``: a function ``i -> TokenizedPair`` and the number of pairs, as
+        ``(fn, P)``; ``key``: `fingerprint` of the model and data."""
+        fn, P = tokenized
+        path = os.path.join(cache_dir, f"ref_logps-{key}.pt")
+        if os.path.exists(path):
+            return cls(torch.load(path, map_location="cpu", weights_only=True), path)
+        table = torch.zeros(P, 2, dtype=torch.float64, device=ctx.device)
+        mine = [p for p in (fn(i) for i in range(ctx.rank, P, ctx.world)) if p is not None]
+        was_training = model.training
+        model.eval()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(autocast())
+            for group in micro_batches(mine, max_tokens):
+                batch = collate([mine[i] for i in group], pad_id=pad_id,
+                                packed=packed).to(ctx.device)
+                chosen, rejected = sequence_logps(model, batch, amp_dtype)
+                index = torch.tensor(batch.index, device=ctx.device)
+                table[index, 0], table[index, 1] = chosen.double(), rejected.double()
+        model.train(was_training)
+        table = all_sum(table, ctx).float().cpu()
+        if ctx.main:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+        barrier(ctx)
+        return cls(table, path)
+
+
+def fingerprint(model: nn.Module, data_key: str, extra: dict) -> str:
+    """A short hash of the model's weights (a strided sample of every tensor, with names,
+    shapes and dtypes), the data (``data_key``) and whatever else changes the numbers."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"data": data_key, **extra}, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 65536)].float().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_key(examples, tokenize) -> str:
+    """What of the data changes the reference log-probs: every pair's text and image files
+    (path, size, mtime), the tokenizer (class, size, chat template) and max_length."""
+    h = hashlib.sha256()
+    tok = tokenize.tokenizer
+    h.update(f"{type(tok).__name__}{len(tok)}{getattr(tok, 'chat_template', None)}"
+             f"{tokenize.max_length}{getattr(tok, 'name_or_path', '')}".encode())
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected], default=str).encode())
+        for image in ex.images:
+            st = os.stat(image) if isinstance(image, str) else None
+            h.update(f"{image}{st and (st.st_size, st.st_mtime_ns)}".encode())
+    return h.hexdigest()
