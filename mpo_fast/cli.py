@@ -2,12 +2,14 @@
 
     mpo-fast info               versions, backends and devices: what a bug report needs
     mpo-fast version            the package version
+    mpo-fast train [FLAGS...]   MPO training (no flags: the bundled demo; `python -m mpo_fast.train`)
+    mpo-fast pairs [ARGS...]    make MMPR preference pairs (`mpo-fast pairs --help`)
     mpo-fast bench [ARGS...]    the benchmarks (`python -m bench ARGS...`; source checkout only)
 
 One subcommand = one `Command`: a name, a one-line help, a function adding its arguments and a
-function running it. `train` and `pairs` join `COMMANDS` with the trainer and pair-generation
-layers; cli.py stays the top of the layering (cli -> train/pairs -> data -> core) and imports a
-layer only inside the command that needs it.
+function running it. cli.py is the top of the layering (cli -> train/pairs -> data -> core) and
+imports a layer only inside the command that needs it, so `mpo-fast info` never loads
+transformers.
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.cli import main as train_main  # transformers loads only for this command
+
+    return train_main(args.rest, prog="mpo-fast train")
+
+
 def _pairs(args: argparse.Namespace) -> int:
     from .pairs.cli import main as pairs_main  # transformers loads only for this command
 
@@ -116,9 +124,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench", "benchmarks against the peers: mpo-fast bench [mpo|head|packing|accuracy|"
             "all] [--quick] [--out DIR] (python -m bench --help)", _no_arguments, _bench,
             passthrough=True),
+    Command("train", "MPO training: mpo-fast train [--config mpo.yaml] [--model M --data D ...] "
+            "(no flags: the bundled demo; mpo-fast train --help)", _no_arguments, _train,
+            passthrough=True),
     Command("pairs", "make MMPR preference pairs: mpo-fast pairs [correctness|dropout-ntp|"
             "demo] ... (mpo-fast pairs --help)", _no_arguments, _pairs, passthrough=True),
-    # train: added with mpo_fast.train.
 )
 
 

@@ -26,7 +26,7 @@ def test_help_lists_every_subcommand():
     proc = subprocess.run([sys.executable, "-m", "mpo_fast", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for name in ("info", "version", "bench"):
+    for name in ("info", "version", "train", "pairs", "bench"):
         assert re.search(rf"^\s+{name}\s", proc.stdout, re.M), proc.stdout
 
 
@@ -61,6 +61,14 @@ def test_bench_forwards_its_arguments(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "python -m bench mpo" in out and "--quick" in out and "--out" in out
+
+
+def test_train_forwards_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: mpo-fast train" in out and "--loss-weights" in out and "--config" in out
 
 
 def test_console_script_points_at_main():

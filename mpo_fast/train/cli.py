@@ -10,8 +10,7 @@ Every field of `mpo_fast.train.config.TrainConfig` is a flag (``--field-name``; 
 model's), ``--config`` YAML, flags. With the bundled model and task (the default) the run is the
 demo: it trains, then shows what improved (`mpo_fast.train.demo`).
 
-For a top-level CLI: ``add_parser(subparsers)`` adds "train" with ``func=run`` as its default,
-so ``args.func(args)`` returns the exit code.
+`mpo-fast train ...` (mpo_fast/cli.py) hands its arguments to `main` unchanged.
 """
 
 from __future__ import annotations
@@ -25,20 +24,11 @@ import sys
 
 from .config import TrainConfig, resolve
 
-__all__ = ["add_parser", "build_parser", "main", "run"]
+__all__ = ["build_parser", "main", "run"]
 
 DESCRIPTION = ("Train a model with Mixed Preference Optimization (0.8 DPO + 0.2 BCO + 1.0 SFT) "
                "on preference pairs, with fused loss kernels and packed batches. Without "
                "arguments: the bundled demo on CPU.")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the "train" sub-command to a top-level parser's ``subparsers``."""
-    parser = subparsers.add_parser("train", help="MPO training (no arguments: the demo)",
-                                   description=DESCRIPTION)
-    _add_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def build_parser(prog: str = "python -m mpo_fast.train") -> argparse.ArgumentParser:
@@ -47,9 +37,9 @@ def build_parser(prog: str = "python -m mpo_fast.train") -> argparse.ArgumentPar
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mpo_fast.train") -> int:
     """Parse ``argv`` (default: sys.argv[1:]) and run; returns the exit code."""
-    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    return run(build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv))
 
 
 def run(args: argparse.Namespace) -> int:
