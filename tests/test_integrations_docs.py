@@ -1,12 +1,9 @@
-"""Every ```python block of docs/integrations.md (the README's integration sections) runs as
-written, on the CPU, with the Hub downloads redirected to tiny random-init models: the same
+"""Every ```python block of README.md that loads a model by name (the integration sections) runs
+as written, on the CPU, with the Hub downloads redirected to tiny random-init models: the same
 architectures (a causal LM, an HF-native InternVL with its processor), loaded twice with the same
-weights as `from_pretrained` would."""
+weights as `from_pretrained` would. The README's other blocks run in tests/test_readme.py."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +11,12 @@ import torch
 pytest.importorskip("datasets")
 
 import transformers
+from test_readme import README, needs_hub, python_blocks
 
 from mpo_fast.integrations import _tiny
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-
-
-def _first_line(i: int) -> str:
-    return f"block{i}"
+HUB_BLOCKS = [(line, code) for line, code in python_blocks(README.read_text()) if needs_hub(code)]
+BLOCKS = [code for _, code in HUB_BLOCKS]
 
 
 @pytest.fixture
@@ -69,13 +63,14 @@ def test_the_doc_has_the_expected_blocks():
     assert sum("patch_model(" in b for b in BLOCKS) == 1
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=_first_line)
+@pytest.mark.parametrize("index", range(len(BLOCKS)),
+                         ids=[f"README.md:{line}" for line, _ in HUB_BLOCKS])
 def test_doc_block_runs(index, tiny_hub, capsys):
     block = BLOCKS[index]
     if "trl" in block:
         pytest.importorskip("trl")
     namespace = {"__name__": "__doc_block__"}
-    exec(compile(block, f"{DOC.name}[block {index}]", "exec"), namespace)
+    exec(compile(block, f"README.md:{HUB_BLOCKS[index][0]}", "exec"), namespace)
     if "trainer" in namespace:  # a trainer block: it trained, and logged finite losses
         history = namespace["trainer"].state.log_history
         assert namespace["trainer"].state.global_step >= 1
