@@ -94,10 +94,10 @@ def planner_report(n_pairs: int, n_ref: int, gen: torch.Generator) -> str:
     timing = []
     for impl in ("extension", "torch") if packing._C is not None else ("torch",):
         t0 = time.perf_counter()
-        packing.plan(sub, BUDGETS[0], impl=impl)
+        packing.plan(sub, BUDGETS[0], backend=impl)
         timing.append(f"{impl}: {time.perf_counter() - t0:.3f} s")
-    same = packing._C is None or (packing.plan(sub, BUDGETS[0], impl="extension")
-                                  == packing.plan(sub, BUDGETS[0], impl="torch"))
+    same = packing._C is None or (packing.plan(sub, BUDGETS[0], backend="extension")
+                                  == packing.plan(sub, BUDGETS[0], backend="torch"))
     return (f"{n_pairs} pairs, {real} tokens (mean pair {real / n_pairs:.0f} tokens, longest "
             f"{int(pair_tokens.max())}).\n\n{table}\n\nPlanner on {n_ref} pairs, "
             f"max_tokens={BUDGETS[0]}: {', '.join(timing)}; identical plans: {same}.\n")
@@ -155,15 +155,15 @@ def speed_case(S, T, H, dtype, kind, device, repeats, gen) -> tuple[list[dict], 
     buffers = {}
     for impl in impls:
         def fresh(impl=impl):
-            p = packing.pack(x, lengths, impl=impl)
-            return p.unpack(p.tokens, impl=impl)
+            p = packing.pack(x, lengths, backend=impl)
+            return p.unpack(p.tokens, backend=impl)
 
         pk, up = torch.empty_like(ref.tokens), torch.empty_like(x)
         buffers[impl] = (pk, up)
 
         def into(impl=impl, pk=pk, up=up):
-            packing.pack_values(x, cu, N, out=pk, impl=impl)
-            packing.unpack(pk, cu, T, out=up, impl=impl)
+            packing.pack_values(x, cu, N, out=pk, backend=impl)
+            packing.unpack(pk, cu, T, out=up, backend=impl)
 
         steps[(impl, "fresh")] = fresh
         steps[(impl, "into buffers")] = into
