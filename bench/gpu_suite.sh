@@ -5,12 +5,14 @@
 #
 #   PARTS="cold probe tests" bash bench/gpu_suite.sh        first call (~5 min)
 #   PARTS="scoreboard packing warm" bash bench/gpu_suite.sh second call (~4 min)
+#   PARTS="train" bash bench/gpu_suite.sh                    one training step, ~0.5B (~3 min)
 #   DRY_RUN=1 bash bench/gpu_suite.sh                        here, on a CPU, toy shapes
 #
 # Parts, in the order they run: cold (first MPOLoss call on an empty Triton cache), probe (bench/gpu_probe.py: card
 # rates, float64 checks, per-shape timings, config sweep, previous kernels), tests (the suite
 # on CUDA), scoreboard (python -m bench mpo at the issue's two shapes, with the peers),
-# packing (pack/unpack GB/s), warm (mpo_fast.warmup, then the first call).
+# packing (pack/unpack GB/s), warm (mpo_fast.warmup, then the first call), train (one MPO step
+# of a Qwen2-0.5B-sized random-init Llama in bf16, packed+fused vs padded+naive).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${DRY_RUN:-0}
@@ -90,6 +92,12 @@ fi
 if has warm; then  # mpo_fast.warmup on an empty cache, then the first call
   TRITON_CACHE_DIR=$(mktemp -d) step warm 60 python3 -m bench.gpu_probe "${PROBE[@]}" \
     --parts warm --out "$OUT" 2>&1 | tee -a "$OUT/suite.log"
+fi
+if has train; then  # issue 10's GPU number; the dry run is a toy shape on the CPU
+  if [ "$DRY" = 1 ]; then SHAPE=(--vocab 2000 --hidden 64 --layers 2 --heads 4 --pairs 2)
+  else SHAPE=(--vocab 151936 --hidden 896 --layers 24 --heads 14 --pairs 16); fi
+  step train 240 python3 -m mpo_fast.train.compare "${SHAPE[@]}" --dtype bf16 --repeats 3 \
+    2>&1 | tee "$OUT/train.txt" | tee -a "$OUT/suite.log"
 fi
 if [ -d "$OUT/results" ]; then
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"

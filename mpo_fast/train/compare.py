@@ -101,8 +101,9 @@ def _setup(args):
 
     torch.manual_seed(args.seed)
     tok = tiny.tiny_tokenizer()
-    model = tiny.tiny_lm(tok, hidden=args.hidden, layers=args.layers, heads=4,
+    model = tiny.tiny_lm(tok, hidden=args.hidden, layers=args.layers, heads=args.heads,
                          vocab_size=args.vocab, seed=args.seed)
+    model.to(DTYPES[args.dtype])  # the same weights in both cases (bf16: as trained on a GPU)
     g = torch.Generator().manual_seed(args.seed)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
     ids = lambda n: torch.randint(0, args.vocab, (n,), generator=g).tolist()
@@ -173,6 +174,7 @@ def _padded_naive(args, device):
 
 
 CASES = {"packed+fused": _packed_fused, "padded+naive": _padded_naive}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def image_reuse(pairs: int = 8, image_size: int = 224, repeats: int = 3) -> dict:
@@ -234,7 +236,8 @@ def run_case(args) -> dict:
             "processed_tokens": batch.num_tokens if batch.packed else batch.padded_tokens,
             "tokens_per_s": batch.num_tokens / (c["ms"] / 1e3), "device": _device_name(device),
             "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
-            "pairs": args.pairs, "threads": torch.get_num_threads()}
+            "heads": args.heads, "dtype": args.dtype, "pairs": args.pairs,
+            "threads": torch.get_num_threads()}
 
 
 def _device_name(device: torch.device) -> str:
@@ -249,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=128_256)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="the weights' dtype in both cases (bf16 for a GPU run)")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -271,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in CASES:
         cmd = [sys.executable, "-m", "mpo_fast.train.compare", "--case", case,
-               *[f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "pairs",
-                                                       "repeats", "seed")]]
+               *[f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "heads",
+                                                       "dtype", "pairs", "repeats", "seed")]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         if proc.returncode or not lines:
@@ -280,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows.append(json.loads(lines[-1]))
     a, b = rows
-    print(f"one MPO training step, {a['device']}, Llama V={args.vocab:,} H={args.hidden} "
-          f"L={args.layers}, {args.pairs} pairs = {a['tokens']} tokens ({b['processed_tokens']} "
+    print(f"one MPO training step, {a['device']}, {args.dtype} Llama V={args.vocab:,} "
+          f"H={args.hidden} L={args.layers}, {args.pairs} pairs = {a['tokens']} tokens ({b['processed_tokens']} "
           "padded)")
     for r in rows:
         print(f"  {r['case']:13s} {r['ms']:9.0f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
