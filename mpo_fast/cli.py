@@ -8,8 +8,8 @@
 
 One subcommand = one `Command`: a name, a one-line help, a function adding its arguments and a
 function running it. cli.py is the top of the layering (cli -> train/pairs -> data -> core) and
-imports a layer only inside the command that needs it, so `mpo-fast info` never loads
-transformers.
+imports a layer only inside the command that needs it, so `mpo-fast info` never loads the
+trainer, the pair tools or a model.
 """
 
 from __future__ import annotations
