@@ -43,7 +43,8 @@ def float64_loss(hidden, weight, bias, ref_hidden, targets, loss_type, beta, e):
     B = seq.shape[0] // 2
     loss, _ = preference_loss(seq[:B], seq[B:], ref[:B], ref[B:], loss_types=(loss_type,),
                               loss_weights=(1.0,), beta=beta, label_smoothing=e,
-                              chosen_lengths=count[:B], rejected_lengths=count[B:])
+                              chosen_lengths=count[:B], rejected_lengths=count[B:],
+                              bco_delta="none")  # as the MPOLoss it checks
     loss.backward()
     return loss, h.grad, w.grad, b.grad
 

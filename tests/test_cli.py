@@ -110,11 +110,14 @@ def test_bench_writes_outside_tracked_files(tmp_path, monkeypatch):
     assert named == tmp_path / "named" and named.is_dir()
 
 
-def test_packing_bench_runs_on_the_current_api(tmp_path):
-    """The packing scoreboard calls the packing API as it is today (it once kept `impl=`)."""
-    proc = subprocess.run([sys.executable, "-m", "bench", "packing", "--quick", "--device", "cpu",
+@pytest.mark.parametrize("suite,says", [("packing", "identical plans: True"),
+                                         ("accuracy", "sigmoid")])
+def test_bench_suite_runs_on_the_current_api(suite, says, tmp_path):
+    """The scoreboards call the library as it is today (packing once kept `impl=`, accuracy
+    once called preference_loss without a BCO state)."""
+    proc = subprocess.run([sys.executable, "-m", "bench", suite, "--quick", "--device", "cpu",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "identical plans: True" in proc.stdout
+    assert says in proc.stdout
     assert any(tmp_path.iterdir())
