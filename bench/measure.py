@@ -1,4 +1,5 @@
 """How the benchmarks measure: time, peak extra memory and the card's (or CPU's) matmul rate.
+(Time and memory are `mpo_fast.measure`'s, shared with the trainer's comparisons.)
 
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
   the CPU (where the op is synchronous). With one repeat on the CPU, the step whose peak
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,56 +26,10 @@ from collections.abc import Callable
 
 import torch
 
+from mpo_fast.measure import peak_extra_bytes, sync, time_ms
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(step: Callable[[], object], device: torch.device, warmup: int = 1,
-            repeats: int = 3) -> float:
-    """Median milliseconds of `step()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by one call of `step` beyond what existed before it."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
-    before = _proc_status_kib("VmRSS")
-    step()
-    return max(0, _proc_status_kib("VmHWM") - before) * 1024
+__all__ = ["device_name", "matmul_tflops", "measure_case", "out_of_memory", "peak_extra_bytes",
+           "run_isolated", "sync", "time_ms"]
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:

@@ -27,69 +27,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from ..measure import peak_extra_bytes, pin_mmap_threshold, time_ms
 
 __all__ = ["cost", "main"]
 
 
 def cost(step, repeats: int = 3, device: torch.device | str = "cpu") -> dict:
-    """{"ms": median time, "peak_mib": peak extra memory} of ``step()`` after one warm-up."""
+    """{"ms": median time, "peak_mib": peak extra memory} of ``step()`` after one warm-up
+    (`mpo_fast.measure`: the benchmarks' own measurement)."""
     device = torch.device(device)
-    _pin_mmap_threshold()
+    pin_mmap_threshold()
     step()
-    peak = _peak_extra_bytes(step, device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak / 2**20}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_extra_bytes(step, device: torch.device) -> int:
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
-    step()
-    return max(0, _status_kib("VmHWM") - before) * 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _pin_mmap_threshold() -> None:
-    """Big buffers from mmap, returned to the OS when freed (glibc; no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    peak = peak_extra_bytes(step, device)
+    return {"ms": time_ms(step, device, warmup=0, repeats=repeats), "peak_mib": peak / 2**20}
 
 
 # --------------------------------------------------------------------------- the two steps
