@@ -55,7 +55,7 @@ def test_per_question_cap_and_no_duplicates():
     rng = random.Random()
     n_right, n_wrong = rng.randint(4, 8), rng.randint(4, 8)
     responses = [cot("7", f"way {i}") for i in range(n_right)] + \
-                [cot(str(20 + i), f"slip {i}") for i in range(n_wrong)]
+                [cot(str(20 + 2 * i), f"slip {i}") for i in range(n_wrong)]  # none has a 7
     responses += responses[:3]  # repeated samples are paired once
     rng.shuffle(responses)
     judged = judge(responses, "7")

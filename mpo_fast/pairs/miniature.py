@@ -7,27 +7,21 @@
     5. pairs     the correctness pipeline on the model's own samples (`run_correctness`):
                  K samples per question at temperature 0.7 -> MMPR jsonl + meta.json
     6. MPO       `train_fn(model, processor, meta_path, out_dir, config)`: trains the model in
-                 place on the pairs of meta.json, the reference being a frozen copy
+                 place on the pairs of meta.json, the reference being a frozen copy; by default
+                 `mpo_trainer`, the trainer (`mpo_fast.train.train`) on the in-memory model:
+                 sigmoid + bco_pair + sft at 0.8 / 0.2 / 1.0, beta 0.1, packed, fp32, AdamW
+                 with warmup + cosine, the learning rate / epochs / pairs per step of
+                 `MiniatureConfig.mpo_*`; the final checkpoint and metrics.jsonl in
+                 <out>/after (and <out>/sft_only)
     7. after     accuracy again
     8. control   (config.control) the same from the same start with the SFT term alone
                  (loss_types ("sft",)): what the preference terms add over fine-tuning on the
                  chosen responses; then results.json
 
-TODO(trainer, issue 10): `train_fn` defaults to `mpo_standin`, a minimal loop written here on
-`mpo_fast.MPOLoss` (policy hidden states + LM head, a frozen reference copy, DPO + BCO + SFT with
-the paper's weights, AdamW, cosine, no packing). The trainer replaces it by providing a function
-with this signature that
-    - takes an in-memory Hugging Face model and its processor (here `TinyVLProcessor`: a
-      "<image>" placeholder in the chat-templated prompt, expanded by the processor, pixel_values
-      [num_images, 3, H, W]) -- or a saved model folder if the trainer only loads from disk, in
-      which case the tiny processor needs save/load support;
-    - reads the MMPR meta.json written by the pair pipeline ({name: {root, annotation,
-      repeat_time, length}}; jsonl {"id", "image", "question", "chosen", "rejected", "meta"});
-    - trains with the loss of `config.mpo_loss_types` / `mpo_loss_weights` (default MPO:
-      sigmoid + bco_pair + sft, 0.8/0.2/1.0; the control passes ("sft",)), beta 0.1, the
-      reference a frozen copy of the model at the start, learning rate / epochs / pairs per
-      step from the config (`MiniatureConfig.mpo_*`), on CPU in about a minute;
-    - updates the model in place (or returns the trained model).
+One token layout throughout: the trainer tokenizes a pair with the processor's chat template and
+image tokens (`mpo_fast.data.collate.PairTokenizer`), which gives exactly the ids of `encode_row`
+(the SFT warm-up) and of the prompts `Generator` samples and evaluates with, and scores the same
+positions: the answer and its end-of-turn token (tests/test_pairs_miniature.py checks it).
 """
 
 from __future__ import annotations
@@ -47,11 +41,11 @@ import torch
 from .answers import extract_answer, match_answer
 from .correctness import CorrectnessConfig, cot_question, run_correctness
 from .generate import Generator, Prompt, SamplingConfig
-from .io import load_images, read_jsonl
+from .io import load_images
 from .shapes import DIRECT_SUFFIX, QUESTION, cot_text, make_example, task_corpus, write_split
 from .tiny import build_tiny_vlm, build_tokenizer
 
-__all__ = ["MiniatureConfig", "evaluate", "mpo_standin", "run_miniature", "sft_warmup"]
+__all__ = ["MiniatureConfig", "evaluate", "mpo_trainer", "run_miniature", "sft_warmup"]
 
 IGNORE = -100
 MINI_COT_INSTRUCTION = ("{question}\nReason step by step, then end with "
@@ -81,6 +75,9 @@ class MiniatureConfig:
     beta: float = 0.1
     mpo_loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")
     mpo_loss_weights: tuple[float, ...] | None = None  # None: the paper's 0.8 / 0.2 / 1.0
+    # tokens per packed micro-batch: on a CPU packed attention is dense over the micro-batch
+    # (masked), so several small ones beat one big one (the step's loss is the same)
+    mpo_max_tokens: int = 512
     control: bool = True  # also train an SFT-only copy (same pairs, steps, start) to compare
     # evaluation
     test_questions: int = 300
@@ -186,7 +183,8 @@ def sft_warmup(model, gen: Generator, cfg: MiniatureConfig, rng: random.Random,
         sched.step()
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.sft_steps // 5) == 0:
-            log(f"[sft] step {step + 1}/{cfg.sft_steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            recent = losses[-20:]
+            log(f"[sft] step {step + 1}/{cfg.sft_steps} loss {sum(recent) / len(recent):.3f}")
     model.eval()
     return losses
 
@@ -199,7 +197,8 @@ def evaluate(gen: Generator, items: Sequence[dict], root: Path, instruction: str
     """Greedy accuracy with direct answers and with CoT ("Final Answer:" required), and the
     CoT format failure rate."""
     images = [load_images(it["image"], root) for it in items]
-    direct = gen([Prompt(direct_question(it["question"]), im) for it, im in zip(items, images, strict=True)],
+    direct = gen([Prompt(direct_question(it["question"]), im)
+                  for it, im in zip(items, images, strict=True)],
                  desc="eval direct", do_sample=False, max_new_tokens=6)
     cot = gen([Prompt(cot_question(f"<image>\n{it['question']}", instruction), im)
                for it, im in zip(items, images, strict=True)],
@@ -215,82 +214,51 @@ def evaluate(gen: Generator, items: Sequence[dict], root: Path, instruction: str
                          for it, d, c in zip(items[:3], direct, cot, strict=False)]}
 
 
-# ---------------------------------------------------------------- MPO stand-in
+# ---------------------------------------------------------------- MPO: the trainer
 
-def read_mmpr(meta_path: Path) -> list[dict]:
-    """Pairs of every meta.json entry (repeat_time rounded up to whole passes), with the
-    absolute image paths."""
-    meta = json.loads(Path(meta_path).read_text())
-    pairs = []
-    for entry in meta.values():
-        recs = read_jsonl(entry["annotation"])
-        reps = max(0, math.ceil(entry.get("repeat_time", 1)))
-        for rec in recs * reps:
-            pairs.append({**rec, "_root": entry.get("root", "")})
-    return pairs
-
-
-def mpo_standin(model, processor, meta_path: Path, out_dir: Path, cfg: MiniatureConfig,
+def mpo_trainer(model, processor, meta_path: Path, out_dir: Path, cfg: MiniatureConfig,
                 log=print) -> Any:
-    """A minimal MPO loop on `mpo_fast.MPOLoss` (see the module docstring's TODO)."""
-    from mpo_fast import MPOLoss
+    """Train `model` in place with the trainer (`mpo_fast.train.train`) on the MMPR pairs of
+    `meta_path`: the loss of ``cfg.mpo_loss_types`` / ``mpo_loss_weights`` (None: the paper's
+    0.8 / 0.2 / 1.0 for MPO, 1.0 each otherwise) with ``cfg.beta``, the reference a frozen copy
+    of the model at the start, AdamW at ``cfg.mpo_lr`` with the trainer's warmup + cosine,
+    ``cfg.mpo_epochs`` passes of ``cfg.mpo_batch`` pairs per step, packed into micro-batches
+    of ``cfg.mpo_max_tokens``, fp32, one process.
+    Into `out_dir`: config.json, metrics.jsonl (every step) and the final checkpoint only.
 
-    gen = Generator(model, processor, progress=False)
-    pairs = read_mmpr(meta_path)
-    if not pairs:
-        log("[mpo] no pairs: nothing to train")
+    The trainer tokenizes a pair with `mpo_fast.data.collate.PairTokenizer` (the processor's
+    chat template and image tokens): the same ids as `encode_row` and the prompts `Generator`
+    samples and evaluates with (tests/test_pairs_miniature.py checks it)."""
+    from mpo_fast.data.formats import load_dataset
+    from mpo_fast.losses import LossConfig
+    from mpo_fast.train import TrainConfig, train
+
+    examples, report = load_dataset(str(meta_path), on_error="raise", seed=cfg.seed)
+    log(f"[mpo] data: {report.summary()}")
+    if len(examples) < cfg.mpo_batch:
+        log(f"[mpo] {len(examples)} pairs, fewer than one step of {cfg.mpo_batch}: "
+            "nothing to train")
         return model
-    loss_fn = MPOLoss(beta=cfg.beta, loss_types=cfg.mpo_loss_types,
-                      loss_weights=cfg.mpo_loss_weights)
-    needs_ref = loss_fn.loss_config.needs_reference
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
-    rng = random.Random(cfg.seed + 1)
-    steps_per_epoch = math.ceil(len(pairs) / cfg.mpo_batch)
-    total = steps_per_epoch * cfg.mpo_epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.mpo_lr, weight_decay=0.0)
-    sched = _schedule(opt, total, max(1, total // 10))
-    model.train()
-    log_every = max(1, total // 6)
-    hist: list[dict] = []
-    step = 0
-    for _ in range(cfg.mpo_epochs):
-        rng.shuffle(pairs)
-        for s in range(0, len(pairs), cfg.mpo_batch):
-            chunk = pairs[s:s + cfg.mpo_batch]
-            images = [load_images(p.get("image"), p["_root"]) for p in chunk]
-            rows = [encode_row(gen, p["question"], im, p[side])
-                    for side in ("chosen", "rejected")
-                    for p, im in zip(chunk, images, strict=True)]
-            batch = collate(rows, gen.tokenizer.pad_token_id)
-            ref = {}
-            if reference is not None:
-                with torch.no_grad():
-                    ref = {"ref_hidden": hidden_states(reference, batch),
-                           "ref_weight": reference.lm_head.weight}
-            out = loss_fn(hidden_states(model, batch), model.lm_head.weight, batch["targets"],
-                          **ref)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            hist.append({"loss": out.loss.item(),
-                         **{k: float(v) for k, v in out.metrics.items()}})
-            if step % log_every == 0 or step == total:
-                m = _mean(hist[-log_every:])
-                log(f"[mpo] step {step}/{total} loss {m['loss']:.3f} reward acc "
-                    f"{m['rewards/accuracies']:.2f} margin {m['rewards/margins']:.3f} "
-                    f"nll {m['nll_loss']:.3f}")
-    model.eval()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "mpo_metrics.jsonl").write_text(
-        "".join(json.dumps(h) + "\n" for h in hist))
+    loss = LossConfig(cfg.mpo_loss_types, cfg.mpo_loss_weights, cfg.beta)
+    train_cfg = TrainConfig(
+        model="pairs-miniature (in memory)", data=str(meta_path), output_dir=str(out_dir),
+        beta=loss.beta, loss_types=loss.loss_types, loss_weights=loss.loss_weights,
+        reference="copy", lr=cfg.mpo_lr, epochs=cfg.mpo_epochs, pairs_per_step=cfg.mpo_batch,
+        packing=True, max_tokens=cfg.mpo_max_tokens, dtype="fp32", distributed="none",
+        seed=cfg.seed, log_every=1, save_every=0, keep_checkpoints=1, progress=False)
+    attention = model.config.text_config._attn_implementation
+    try:
+        result = train(train_cfg, model=model, tokenizer=processor.tokenizer,
+                       processor=processor, examples=examples, log=log)
+    finally:  # packed attention is for training only: generation needs a KV cache
+        model.set_attn_implementation({"text_config": attention})
+        model.eval()
+    every = max(1, len(result.history) // 6)
+    for r in result.history[every - 1::every]:
+        log(f"[mpo] step {r['step']}/{len(result.history)} loss {r['loss']:.3f} reward acc "
+            f"{r['rewards/accuracies']:.2f} margin {r['rewards/margins']:.3f} "
+            f"nll {r['nll_loss']:.3f} lr {r['lr']:.2e}")
     return model
-
-
-def _mean(hist: list[dict]) -> dict:
-    return {k: sum(h[k] for h in hist) / len(hist) for k in hist[0]}
 
 
 # ---------------------------------------------------------------- the whole thing
@@ -341,7 +309,7 @@ def _run(out: Path, cfg: MiniatureConfig, train_fn: TrainFn | None, log) -> dict
                               image_root=data, log=log)
     times["pairs_s"] = time.perf_counter() - t
 
-    train = train_fn or (lambda m, p, meta, o, c: mpo_standin(m, p, meta, o, c, log=log))
+    train = train_fn or (lambda m, p, meta, o, c: mpo_trainer(m, p, meta, o, c, log=log))
     runs = [("after", cfg)]
     if cfg.control:  # the same budget, the same start, the SFT term alone on the chosen side
         runs.append(("sft_only", replace(cfg, mpo_loss_types=("sft",), mpo_loss_weights=None)))
@@ -360,7 +328,7 @@ def _run(out: Path, cfg: MiniatureConfig, train_fn: TrainFn | None, log) -> dict
 
     result = {"accuracy": acc, "pairs": summary, "times": times,
               "sft_final_loss": sum(sft_losses[-20:]) / max(1, len(sft_losses[-20:])),
-              "train_fn": getattr(train_fn, "__name__", "mpo_standin"), "config": asdict(cfg)}
+              "train_fn": getattr(train_fn, "__name__", "mpo_trainer"), "config": asdict(cfg)}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     log(_table(result))
     return result

@@ -1,16 +1,23 @@
 """A tiny vision-language model built in code (no downloads): tests and the miniature.
 
-    TinyVLProcessor  InternVL's conventions without torchvision: a "<image>" placeholder becomes
+    TinyVLProcessor  InternVL's conventions without torchvision: each "<IMG_CONTEXT>" of the
+                     text (the chat template writes one per image item) becomes
                      "<img>" + "<IMG_CONTEXT>" * image_seq_length + "</img>", images become
                      pixel_values [num_images, 3, S, S] (scaled to [-1, 1])
     build_tokenizer  a byte-level BPE trained on a corpus in a second, with a ChatML template
+                     whose conversation ending in an answer ends at "<|im_end|>" (the newline
+                     of ChatML goes before the next "<|im_start|>"), so the trainer's
+                     completion tokens (`mpo_fast.data.collate`) are exactly what generation
+                     produces: the answer, then eos
     build_tiny_vlm   a random-init `transformers.InternVLForConditionalGeneration` (a small
                      InternViT + Qwen2) and its processor
 
 With the defaults (32 x 32 images, 4 x 4 patches, pixel-shuffle 0.5) an image is 16 tokens, one
 per 8 x 8 cell. The processor has the interface `Generator` uses (``image_processor``,
-``tokenizer``, ``chat_template``, ``apply_chat_template``, ``__call__``), so the pair pipelines
-run on it exactly as on a real model's `AutoProcessor`.
+``tokenizer``, ``chat_template``, ``apply_chat_template``, ``__call__``) and the trainer's
+`mpo_fast.data.collate.PairTokenizer` uses (``image_token``, ``image_token_ids``, one image list
+per text), so the pair pipelines and the trainer run on it exactly as on a real model's
+`AutoProcessor`.
 """
 
 from __future__ import annotations
@@ -24,14 +31,18 @@ __all__ = ["CHAT_TEMPLATE", "TinyVLProcessor", "build_tiny_vlm", "build_tokenize
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
 
-# ChatML, string or list content; "<image>\n" per image item; continue_final_message honoured
+# ChatML, string or list content; "<IMG_CONTEXT>\n" per image item (InternVL's placeholder);
+# continue_final_message honoured; "\n" before each later turn, none after the last one
+# (written {{ '\n' }}: transformers renders templates with trim_blocks, which drops a newline
+# right after a block tag)
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'text' %}{{ c['text'] }}"
     "{% endif %}{% endfor %}{% endif %}"
-    "{% if not (loop.last and continue_final_message) %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if not (loop.last and continue_final_message) %}<|im_end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' }}<|im_start|>assistant\n{% endif %}")
 
 _BASE_CORPUS = ["The quick brown fox jumps over the lazy dog. Final Answer: 42",
                 "Question: How many? Reason step by step. 1 + 2 = 3, 0123456789."]
@@ -65,8 +76,10 @@ class TinyVLProcessor:
         self.chat_template = tokenizer.chat_template
         self.image_size = image_size
         self.image_seq_length = image_seq_length
-        self.image_token = IMG_CONTEXT
+        self.image_token = IMG_CONTEXT  # the placeholder in the text, as InternVLProcessor's
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        # every token of an expanded image (truncation must never cut one)
+        self.image_token_ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_CONTEXT, IMG_END])
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
@@ -84,18 +97,23 @@ class TinyVLProcessor:
 
     def expand(self, text: str) -> str:
         tokens = IMG_START + IMG_CONTEXT * self.image_seq_length + IMG_END
-        return text.replace("<image>", tokens)
+        return text.replace(IMG_CONTEXT, tokens)
 
     def __call__(self, text: str | Sequence[str], images: Sequence | None = None,
-                 padding: bool | str = True, return_tensors: str = "pt", **kwargs):
+                 padding: bool | str = True, return_tensors: str = "pt",
+                 add_special_tokens: bool = False, **kwargs):
+        """Token ids (image placeholders expanded) and pixel_values; ``images`` flat, in text
+        order, or one list per text (as `mpo_fast.data.collate` passes them)."""
         texts = [text] if isinstance(text, str) else list(text)
-        n_placeholders = sum(t.count("<image>") for t in texts)
-        n_images = len(images) if images else 0
-        if n_placeholders != n_images:
-            raise ValueError(f"{n_placeholders} <image> placeholders but {n_images} images")
+        images = [im for x in images or () for im in (x if isinstance(x, (list, tuple)) else [x])]
+        n_placeholders = sum(t.count(IMG_CONTEXT) for t in texts)
+        if n_placeholders != len(images):
+            raise ValueError(f"{n_placeholders} {IMG_CONTEXT} placeholders but {len(images)} "
+                             "images")
         out = dict(self.tokenizer([self.expand(t) for t in texts], padding=padding,
-                                  return_tensors=return_tensors, add_special_tokens=False))
-        if n_images:
+                                  return_tensors=return_tensors,
+                                  add_special_tokens=add_special_tokens))
+        if images:
             out["pixel_values"] = self.pixel_values(images)
         return out
 
