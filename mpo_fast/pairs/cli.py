@@ -4,7 +4,8 @@
     dropout-ntp  chosen = the model's answer, rejected = its first half continued without image
     demo         the method end to end in miniature on CPU (see `mpo_fast.pairs.miniature`)
 
-The top-level CLI mounts this with `add_parser(subparsers)` and calls ``args.func(args)``.
+`mpo-fast pairs ...` (mpo_fast/cli.py) hands its arguments to `main` unchanged;
+`add_parser(subparsers)` mounts the same commands under another parser.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     m = sub.add_parser("demo", help="the miniature: SFT a tiny VLM on a synthetic counting "
                        "task, make correctness pairs from its samples, MPO, accuracy before/after")
-    m.add_argument("--out", default="mpo-fast-demo", help="output folder (mpo-fast-demo)")
+    m.add_argument("--out", default="runs/pairs-demo",
+                   help="output folder (runs/pairs-demo: ignored by git in a checkout)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--quick", action="store_true", help="a smaller, faster run (a smoke test)")
     m.add_argument("--no-control", action="store_true",

@@ -263,7 +263,8 @@ def mpo_trainer(model, processor, meta_path: Path, out_dir: Path, cfg: Miniature
 
 # ---------------------------------------------------------------- the whole thing
 
-def run_miniature(out_dir: str | Path = "mpo-fast-demo", cfg: MiniatureConfig = MiniatureConfig(),
+def run_miniature(out_dir: str | Path = "runs/pairs-demo",
+                  cfg: MiniatureConfig = MiniatureConfig(),
                   train_fn: TrainFn | None = None, log=print) -> dict:
     """Run steps 1-7 of the module docstring; returns (and writes) results.json's content."""
     threads = torch.get_num_threads()
