@@ -7,9 +7,10 @@ that can serve the call:
     "flash_attn"  flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, when installed)
     "varlen"      torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch
                   versions that have it; no dropout or softcap)
-    "sdpa"        ``scaled_dot_product_attention`` with a block-diagonal (causal) boolean mask
-                  built from the sequence ids: any device and dtype; O(N^2) bits of mask, so
-                  the CPU / fallback path, not the fast one
+    "sdpa"        ``scaled_dot_product_attention``, any device and dtype. On a CPU (where
+                  reading the offsets costs nothing) one call per sequence, O(sum L^2) work;
+                  on a GPU one call with a block-diagonal (causal) boolean mask built from
+                  the sequence ids, O(N^2) bits of mask and no host sync: the fallback there
 
 For Hugging Face models, `register()` adds ``packed_attention_forward`` to
 ``transformers.AttentionInterface`` under the name ``"mpo_fast_packed"``:
@@ -159,6 +160,9 @@ def varlen_attention(
             raise ValueError("backend='varlen' cannot serve this call (needs CUDA fp16/bf16, "
                              "no dropout or softcap, and a torch with varlen_attn)")
         return _torch_varlen(*args)
+    if query.device.type == "cpu":
+        return _per_sequence_attention(query, key, value, cu_seqlens, scale, causal,
+                                       sliding_window, softcap, dropout)
     if segs is not None and segs.num_tokens == query.shape[0]:
         seq_ids = segs.seq_ids  # cached on the Segments: made once for every layer
     else:
@@ -343,26 +347,46 @@ def _torch_varlen(q, k, v, cu, max_seqlen, scale, causal, window, softcap, dropo
     return fn(q, k, v, cu, cu, m, m, **kw)
 
 
+def _per_sequence_attention(q, k, v, cu, scale, causal, window, softcap, dropout):
+    """One attention call per sequence (the CPU path: the offsets are on the host already)."""
+    N = q.shape[0]
+    bounds = cu.tolist()
+    if bounds[-1] < N:  # rows past cu[-1] form one more sequence
+        bounds.append(N)
+    outs = [_masked_attention(q[a:b], k[a:b], v[a:b], None, scale, causal, window, softcap,
+                              dropout) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if not outs:
+        return q.new_empty(0, q.shape[1], v.shape[2])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def _masked_attention(q, k, v, seq_ids, scale, causal, window, softcap, dropout):
+    """Attention of the rows in one call; ``seq_ids`` None means they are one sequence."""
     N = q.shape[0]
     pos = torch.arange(N, device=q.device)
-    allowed = seq_ids[:, None] == seq_ids[None, :]
-    if causal:
-        allowed &= pos[None, :] <= pos[:, None]
+    allowed = None if seq_ids is None else seq_ids[:, None] == seq_ids[None, :]
+    if causal and (allowed is not None or window is not None or softcap is not None):
+        allowed = pos[None, :] <= pos[:, None] if allowed is None else (
+            allowed & (pos[None, :] <= pos[:, None]))
     if window is not None:
-        allowed &= (pos[:, None] - pos[None, :]).abs() < window
+        near = (pos[:, None] - pos[None, :]).abs() < window
+        allowed = near if allowed is None else allowed & near
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, D]
     if softcap is None:
         gqa = {"enable_gqa": True} if qh.shape[1] != kh.shape[1] else {}
+        # one causal sequence: no mask at all, so sdpa can take its flash kernel
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, dropout_p=dropout,
-                                             scale=scale, **gqa)
+                                             scale=scale, is_causal=causal and allowed is None,
+                                             **gqa)
     else:
         rep = qh.shape[1] // kh.shape[1]
         kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
         acc = torch.promote_types(q.dtype, torch.float32)
         scores = (qh.to(acc) @ kh.to(acc).transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
         probs = F.dropout(probs, p=dropout, training=dropout > 0.0)
         out = probs @ vh
     return out[0].transpose(0, 1)

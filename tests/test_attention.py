@@ -53,16 +53,24 @@ def reference_attention(q, k, v, cu, scale, causal, window, softcap):
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
-def test_varlen_sdpa_matches_per_sequence_reference(causal, window, softcap, heads):
+@pytest.mark.parametrize("path", ["per-sequence", "one-masked-call"])
+def test_varlen_sdpa_matches_per_sequence_reference(causal, window, softcap, heads, path):
+    """"sdpa" on a CPU runs one call per sequence; on a GPU one call with a block-diagonal
+    mask: both paths, checked here on the CPU, rows past cu_seqlens[-1] included."""
     hq, hkv = heads
     cu = random_cu(7, 9)
-    N = int(cu[-1])
+    N = int(cu[-1]) + 2  # two trailing rows: one more sequence
     q = torch.randn(N, hq, 8, dtype=torch.float64)
     k = torch.randn(N, hkv, 8, dtype=torch.float64)
     v = torch.randn(N, hkv, 5, dtype=torch.float64)  # the value head dim may differ
-    out = attention.varlen_attention(q, k, v, cu, scale=0.3, causal=causal,
-                                     sliding_window=window, softcap=softcap, backend="sdpa")
-    ref = reference_attention(q, k, v, cu, 0.3, causal, window, softcap)
+    if path == "per-sequence":
+        out = attention.varlen_attention(q, k, v, cu, scale=0.3, causal=causal,
+                                         sliding_window=window, softcap=softcap, backend="sdpa")
+    else:
+        seq_ids = attention._seq_ids_from_cu(cu, N)
+        out = attention._masked_attention(q, k, v, seq_ids, 0.3, causal, window, softcap, 0.0)
+    ref = reference_attention(q, k, v, torch.cat([cu, cu.new_tensor([N])]), 0.3, causal, window,
+                              softcap)
     assert out.shape == (N, hq, 5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
