@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -354,7 +355,7 @@ def _per_sequence_attention(q, k, v, cu, scale, causal, window, softcap, dropout
     if bounds[-1] < N:  # rows past cu[-1] form one more sequence
         bounds.append(N)
     outs = [_masked_attention(q[a:b], k[a:b], v[a:b], None, scale, causal, window, softcap,
-                              dropout) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+                              dropout) for a, b in itertools.pairwise(bounds) if b > a]
     if not outs:
         return q.new_empty(0, q.shape[1], v.shape[2])
     return torch.cat(outs) if len(outs) > 1 else outs[0]

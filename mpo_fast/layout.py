@@ -15,8 +15,9 @@ Three ways to make one:
     Segments.padded(S, T, device)               a padded [S, T] batch: sequence s is s*T:(s+1)*T
     Segments.from_cu_seqlens(cu_seqlens)        offsets made elsewhere: checked, one host read
 
-A `Segments` is valid by construction, so the ops that take one never read it back to the
-host. `Segments(cu_seqlens, num_tokens, max_seqlen)` itself checks only what it can without
+A `Segments` is valid by construction, so the ops that take one never check it again (and
+never read it back from a GPU; CPU attention reads its offsets to go sequence by sequence,
+which costs nothing there). `Segments(cu_seqlens, num_tokens, max_seqlen)` itself checks only what it can without
 reading values (dtype, shape, device): like flash-attention, it trusts the offsets, and is
 what the packer uses; build from offsets you did not make with `from_cu_seqlens`.
 

@@ -225,11 +225,19 @@ def test_mpo_loss_never_reads_the_packers_segments():
 
 
 def test_attention_never_reads_the_packers_segments():
+    """The GPU paths take the packer's Segments as they are (the one-call masked "sdpa" is
+    checked here); on a CPU, "sdpa" reads the offsets once per call to attend sequence by
+    sequence, where a host read costs nothing."""
     p, _, _, _ = packed_batch()
     q, k, v = (torch.randn(p.num_tokens, 2, 4) for _ in range(3))
     with HostReads(p.cu_seqlens) as probe:
-        out = attention.varlen_attention(q, k, v, p.segments, backend="sdpa")
+        masked = attention._masked_attention(q, k, v, p.segments.seq_ids, 0.5, True, None,
+                                             None, 0.0)
     assert probe.reads == []
+    with HostReads(p.cu_seqlens) as probe:
+        out = attention.varlen_attention(q, k, v, p.segments, backend="sdpa")
+    assert probe.reads == ["tolist"]
+    torch.testing.assert_close(out, masked)
     kwargs = attention.attention_kwargs(p)
     assert kwargs["cu_seq_lens_q"] is p.cu_seqlens and kwargs["max_length_q"] == p.max_seqlen
     assert torch.equal(out, attention.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen))
