@@ -190,6 +190,31 @@ def test_reference_equal_to_the_policy_ties_like_trl(text_setup, tmp_path, preco
     _assert_same(expected, ours)
 
 
+def test_precomputed_reference_never_reads_trls_cache(text_setup, tmp_path, monkeypatch):
+    """TRL caches precomputed reference log-probs by (dataset, model) fingerprints: after a TRL
+    run on the same data and model, ours must use its own (TRL's head rounds differently,
+    which once broke the exact ties of the test above). TRL's run here caches values off by
+    one nat, so reading its cache cannot go unnoticed."""
+    tok = text_setup
+    model = _tiny.causal_lm(tok)
+    rows = _tiny.pairs(4, seed=int(torch.randint(0, 2**31, ())))
+    config = {**MPO, "precompute_ref_log_probs": True}
+    trls = DPOTrainer.compute_ref_log_probs
+    with monkeypatch.context() as m:
+        m.setattr(DPOTrainer, "compute_ref_log_probs",
+                  lambda self, *a: tuple(t - 1.0 for t in trls(self, *a)))
+        _step(DPOTrainer, tmp_path, model, model, rows, tok, **config)
+    ours = []
+    real = FusedDPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(FusedDPOTrainer, "compute_ref_log_probs",
+                        lambda self, *a: ours.append(real(self, *a)) or ours[-1])
+    trainer = _step(FusedDPOTrainer, tmp_path, model, model, rows, tok, **config)[2]
+    computed = torch.cat([torch.cat(pair) for pair in zip(*ours, strict=True)])
+    stored = torch.cat([torch.tensor(trainer.train_dataset[k])
+                        for k in ("ref_chosen_logps", "ref_rejected_logps")])
+    torch.testing.assert_close(stored, computed, rtol=0, atol=0)
+
+
 def test_evaluation_matches_trl(text_setup, tmp_path):
     tok = text_setup
     model, ref = _tiny.causal_lm(tok), _tiny.causal_lm(tok)

@@ -265,6 +265,17 @@ class FusedDPOTrainer(DPOTrainer):
                 stack.enter_context(use_adapter(unwrapped, adapter_name=name))
             yield
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL caches precomputed reference log-probs on disk, keyed by (dataset, model): salt
+        the key, so a cache written by TRL's own head is never read as ours (the two differ in
+        rounding, which breaks exact ties) and ours never as TRL's."""
+        key = self._precompute_model_hash
+        self._precompute_model_hash = f"{key}-mpo-fast"
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = key
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL's precompute): summed as `MPOLoss`
         sums the policy's, so a policy still equal to its reference gets rewards of exactly 0,
