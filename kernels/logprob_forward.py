@@ -11,9 +11,9 @@ For each non-ignored token m (hidden row r_m, target y_m):
 Parallelism: a program owns BLOCK_N tokens and one contiguous *split* of the vocabulary, so
 the grid is (token blocks) x (vocab splits) and fills the GPU even when few tokens are left.
 By default the token block varies fastest: the programs resident at one time sweep the same
-few weight panels (kernels/configs.py has the measured alternatives). Each split writes its partial (lse, zy) to a [splits, M] fp32
-buffer; the launcher folds the splits with a logsumexp and a sum (O(M) memory, no locks,
-deterministic).
+few weight panels (kernels/configs.py has the measured alternatives). Each split writes its
+partial (lse, zy) to a [splits, M] fp32 buffer; the launcher folds the splits with a logsumexp
+and a sum (O(M) memory, no locks, deterministic).
 
 Block sizes (kernels/configs.py says which and why): BLOCK_N x BLOCK_V is the fp32 logits tile
 kept in registers (128 x 256 bf16 on Hopper); BLOCK_K is the slice of H streamed per `tl.dot`

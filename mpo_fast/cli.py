@@ -2,7 +2,7 @@
 
     mpo-fast info               versions, backends and devices: what a bug report needs
     mpo-fast version            the package version
-    mpo-fast train [FLAGS...]   MPO training (no flags: the bundled demo; `python -m mpo_fast.train`)
+    mpo-fast train [FLAGS...]   MPO training (no flags: the bundled demo)
     mpo-fast pairs [ARGS...]    make MMPR preference pairs (`mpo-fast pairs --help`)
     mpo-fast bench [ARGS...]    the benchmarks (`python -m bench ARGS...`; source checkout only)
 

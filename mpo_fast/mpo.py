@@ -184,8 +184,8 @@ class MPOLoss(nn.Module):
             return None, torch.cat([t.detach() for t in ref_logps]).float()
         if ref_hidden is None:
             if self.loss_config.needs_reference:
-                raise ValueError(f"loss_types {list(self.loss_config.loss_types)} need a reference: "
-                                 "pass ref_logps or ref_hidden")
+                raise ValueError(f"loss_types {list(self.loss_config.loss_types)} need a "
+                                 "reference: pass ref_logps or ref_hidden")
             return None, None
         if ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden's "

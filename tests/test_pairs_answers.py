@@ -136,8 +136,9 @@ def test_choice_with_option_texts():
     assert not match_answer("fish", "B", choices=choices)
 
 
-@pytest.mark.parametrize("answer, yn", [("Yes", "yes"), ("yes.", "yes"), ("No, there is none", "no"),
-                                        ("TRUE", "yes"), ("false", "no"), ("Not sure", None),
+@pytest.mark.parametrize("answer, yn", [("Yes", "yes"), ("yes.", "yes"),
+                                        ("No, there is none", "no"), ("TRUE", "yes"),
+                                        ("false", "no"), ("Not sure", None),
                                         ("Nope", None), ("maybe", None), ("**Yes**", "yes")])
 def test_parse_yesno_table(answer, yn):
     assert parse_yesno(answer) == yn

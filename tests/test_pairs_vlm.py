@@ -1,5 +1,6 @@
-"""The pair pipelines on a tiny random-init InternVL (transformers' InternVLForConditionalGeneration):
-DropoutNTP continues WITHOUT the image; correctness sampling sees it; whitespace stays natural."""
+"""The pair pipelines on a tiny random-init InternVL (transformers'
+InternVLForConditionalGeneration): DropoutNTP continues WITHOUT the image; correctness sampling
+sees it; whitespace stays natural."""
 
 import json
 import random

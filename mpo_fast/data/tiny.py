@@ -24,8 +24,8 @@ import torch
 
 from .formats import Example
 
-__all__ = ["HELD_OUT_PAIRS", "NUM_VALUES", "TRAIN_PAIRS", "TinyVLProcessor", "answer_of", "make_task", "tiny_internvl",
-           "tiny_lm", "tiny_tokenizer"]
+__all__ = ["HELD_OUT_PAIRS", "NUM_VALUES", "TRAIN_PAIRS", "TinyVLProcessor", "answer_of",
+           "make_task", "tiny_internvl", "tiny_lm", "tiny_tokenizer"]
 
 NUM_VALUES = 64
 TRAIN_PAIRS = 8000  # the demo's training set (distinct prompts)

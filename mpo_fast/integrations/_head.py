@@ -533,8 +533,8 @@ def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Returns:
         name -> ``targets``-shaped tensor (fp32; bool for is_top1), 0 / False where skipped.
         z = softcap*tanh((h W^T + b)/softcap) / temperature, as `mpo_fast.fused_logprobs`.
-        Scored rows go through in chunks whose two fp32 [rows, V] tiles stay under 256 MiB: one extra
-        forward GEMM over the vocabulary (2 N H V FLOPs), no [N, V] tensor.
+        Scored rows go through in chunks whose two fp32 [rows, V] tiles stay under 256 MiB:
+        one extra forward GEMM over the vocabulary (2 N H V FLOPs), no [N, V] tensor.
     """
     H, V = weight.shape[1], weight.shape[0]
     flat = targets.reshape(-1)

@@ -3,7 +3,7 @@ integration tests, the README blocks' test and the CPU comparison (no download, 
 
     tokenizer()                 character-level PreTrainedTokenizerFast (printable ASCII + specials)
     causal_lm(tok, **config)    LlamaForCausalLM, hidden 32, 2 layers, the tokenizer's vocabulary
-    internvl(tok, **config)     InternVLForConditionalGeneration (HF-native), 28x28 images -> 1 token
+    internvl(tok, **config)     InternVLForConditionalGeneration (HF-native), 28x28 image: 1 token
     internvl_processor()        InternVLProcessor over the tokenizer (images only: no torchvision)
     pairs(n), image_pairs(n)    toy prompt / chosen / rejected rows (with random images)
 """

@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.loads(lines[-1]))
     a, b = rows
     print(f"one MPO training step, {a['device']}, {args.dtype} Llama V={args.vocab:,} "
-          f"H={args.hidden} L={args.layers}, {args.pairs} pairs = {a['tokens']} tokens ({b['processed_tokens']} "
-          "padded)")
+          f"H={args.hidden} L={args.layers}, {args.pairs} pairs = {a['tokens']} tokens "
+          f"({b['processed_tokens']} padded)")
     for r in rows:
         print(f"  {r['case']:13s} {r['ms']:9.0f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
               f"peak +{r['peak_mib']:7.0f} MiB")
