@@ -19,7 +19,8 @@ A `Segments` is valid by construction, so the ops that take one never check it a
 never read it back from a GPU; CPU attention reads its offsets to go sequence by sequence,
 which costs nothing there). `Segments(cu_seqlens, num_tokens, max_seqlen)` itself checks
 only what it can without reading values (dtype, shape, device): like flash-attention, it
-trusts the offsets, and is what the packer uses; build from offsets you did not make with `from_cu_seqlens`.
+trusts the offsets, and is what the packer uses; build from offsets you did not make with
+`from_cu_seqlens`.
 
 `check_cu_seqlens` is the one validation of a bare ``cu_seqlens`` tensor in the package; it
 reads the values only when asked to, or when they are on the CPU (where reading costs no

@@ -15,7 +15,8 @@ Matching, by answer kind (``kind="auto"`` infers it from the ground truth):
     number  the last number of the answer: signs, decimals, thousands commas, fractions "3/4",
             percent (25% matches 25 and 0.25), exponents "1e3", units and currency ignored
             ("12 cm", "$1,200"), number words zero..twenty when the answer has no digits.
-            Equal within `rel_tol`, or equal after rounding to the ground truth's decimals (gt "0.33", answer 0.333).
+            Equal within `rel_tol`, or equal after rounding to the ground truth's decimals
+            (gt "0.33", answer 0.333).
     choice  one option letter: "B", "(B)", "B.", "B) text", "Answer: b", "Option B", or the
             text of an option when the choices are given.
     yesno   the leading yes/no/true/false word.
