@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 BENCH_DEPS := liger-kernel trl==1.16.0 datasets pandas cut-cross-entropy tqdm matplotlib
 # the integration tests compare against TRL 1.16 itself (and its PEFT reference path)
 TEST_DEPS := "triton>=3.1; platform_system=='Linux'" pybind11 ninja pytest pytest-benchmark \
-	"transformers>=4.45" ruff trl==1.16.0 datasets peft tqdm pyyaml safetensors pillow
+	"transformers>=4.45" ruff trl==1.16.0 datasets peft tqdm pyyaml safetensors pillow matplotlib
 
 # `make setup` installs and builds only when something it depends on changed: the stamp is
 # keyed on the extension's sources, setup.py, pyproject.toml and the interpreter, and is

@@ -67,10 +67,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         # the trainer (mpo-fast train), the pair pipeline (mpo-fast pairs), the integrations
-        "train": ["transformers>=4.45", "pyyaml", "safetensors", "tqdm", "pillow"],
+        "train": ["transformers>=4.45", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
         "trl": ["trl>=1.15,<2"],
         "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ruff", "trl==1.16.0",
-                 "datasets", "peft", "pyyaml", "safetensors", "tqdm", "pillow"],
+                 "datasets", "peft", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
         # the benchmarks: progress bar, plots, and the peers (TRL's trainer needs datasets, pandas)
         "bench": ["tqdm", "matplotlib", "liger-kernel", "trl", "datasets", "pandas",
                   "cut-cross-entropy"],

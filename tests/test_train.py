@@ -17,7 +17,7 @@ from mpo_fast import MPOLoss
 from mpo_fast.data import DataError, PairTokenizer, collate, load_dataset, tiny
 from mpo_fast.data.collate import TokenizedPair
 from mpo_fast.losses import new_bco_state, preference_loss
-from mpo_fast.train import checkpoint, cli, reference
+from mpo_fast.train import checkpoint, cli, plot, reference
 from mpo_fast.train.config import TrainConfig, resolve
 from mpo_fast.train.distributed import Context
 from mpo_fast.train.loop import train
@@ -358,6 +358,21 @@ def test_the_demo_runs_end_to_end_and_reports(tmp_path, capsys):
     head = summary["head"]["realistic_vocab"]
     assert head["naive"]["peak_mib"] > head["fused"]["peak_mib"]  # the logits' memory
     assert checkpoint.latest(str(out / "mpo" / "checkpoints"))
+    assert summary["curves"] == str(out / "curves.png") and "curves.png" in text
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_plot_runs_in_order_and_refuse_empty_folders(tmp_path, capsys):
+    for name, losses in (("sft", [3.0, 2.0]), ("mpo", [1.5, 1.0, 0.5])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "loss": x, "nll_loss": x}) + "\n"
+            for i, x in enumerate(losses)))
+    png = tmp_path / "c.png"
+    assert plot.main([str(tmp_path / "sft"), str(tmp_path / "mpo"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot.main([str(tmp_path / "nothing-here"), "--out", str(png)]) == 2
+    assert "no metrics.jsonl records" in capsys.readouterr().err
 
 
 def test_cached_reference_trains_like_the_frozen_copy(tok, tmp_path):

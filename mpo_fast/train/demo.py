@@ -15,7 +15,8 @@ in a few minutes, and what it changed.
        model's vocabulary and at a realistic one (V = 128,256, same hidden size and tokens)
 
 Everything is written under the output folder (default runs/<timestamp>): the two phases'
-metrics.jsonl and checkpoints, and summary.json.
+metrics.jsonl and checkpoints, summary.json, and curves.png (loss, reward accuracy, reward
+margin and NLL by step; when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .compare import cost
 from .config import TrainConfig
 from .loop import default_output_dir, train
 from .model import lm_head, set_attention
+from .plot import plot_curves
 from .reference import sequence_logps
 
 __all__ = ["evaluate", "run_demo"]
@@ -80,9 +82,14 @@ def run_demo(cfg: TrainConfig) -> int:
                    model=model, tokenizer=tok, examples=train_set)
     stages["after MPO"] = evaluate(model, reference, held_out, tokenize)
     head = compare_heads(model, held_out, tokenize)
+    curves = plot_curves({"SFT warm-up": os.path.join(out_dir, "sft"),
+                          "MPO": os.path.join(out_dir, "mpo")},
+                         os.path.join(out_dir, "curves.png"),
+                         title="mpo-fast demo: SFT warm-up, then MPO (held-out results in "
+                               "summary.json)")
     summary = {"stages": stages, "head": head, "mpo_last_step": result.history[-1],
                "wall_time_s": time.perf_counter() - t_start, "output_dir": out_dir,
-               "stopped_by": result.stopped_by}
+               "curves": curves, "stopped_by": result.stopped_by}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -232,5 +239,6 @@ def print_summary(s: dict) -> None:
     print(f"\nMPO last step: loss {last['loss']:.3f}, rewards/accuracies "
           f"{last['rewards/accuracies']:.2f}, bco/delta {last['bco/delta']:.3f}, "
           f"{last['tokens_per_s']:.0f} tokens/s, padding {last['padding_fraction']:.0%}")
-    print(f"Wall time {s['wall_time_s']:.0f} s. Output: {s['output_dir']}/ (summary.json, "
+    plot = ", curves.png" if s.get("curves") else ""
+    print(f"Wall time {s['wall_time_s']:.0f} s. Output: {s['output_dir']}/ (summary.json{plot}, "
           "sft/ and mpo/ with metrics.jsonl and checkpoints)")
