@@ -409,6 +409,10 @@ def _ddp_worker(out: str, seed: int):
         }
         with open(os.path.join(out, "ddp.json"), "w") as f:
             json.dump(result, f)
+    # a clean teardown: a process group left to the interpreter's exit can abort in gloo's
+    # threads ("terminate called without an active exception", exit -6: a CI flake)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # the DDP test's worker, launched by torch.distributed.run
