@@ -102,21 +102,28 @@ def test_packed_padded_and_float64_oracle_agree_on_loss_and_gradients(tok):
         assert rel(g_padded[name], g_oracle[name]) < 1e-5, name
 
 
+def losses_on_fixed_batch(model, ref, batch, steps: int):
+    """MPO loss of each of ``steps`` AdamW steps (lr 1e-2) on the same batch, and the last
+    step's `MPOOutput`."""
+    policy = MPOModel(model, MPOLoss())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        out = policy(batch, ref.logps(batch))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses, out
+
+
 def test_loss_decreases_on_a_fixed_batch(tok):
     model = small_lm(tok)
     pairs = random_pairs(8, len(tok), seed=torch.initial_seed())
     ref = reference.FrozenCopy(model, CPU, NO_AMP)
     set_attention(model, True)
     batch = collate(pairs, pad_id=tok.pad_token_id)
-    policy = MPOModel(model, MPOLoss())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        out = policy(batch, ref.logps(batch))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
+    losses, out = losses_on_fixed_batch(model, ref, batch, steps=8)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
     assert out.metrics["rewards/accuracies"] > 0.5  # the policy moved away from the reference
@@ -221,15 +228,7 @@ def test_internvl_trains_from_mmpr_files(tok, tmp_path):
     set_attention(model, True)
     batch = collate(pairs, pad_id=tokenize.pad_id)
     ref = reference.FrozenCopy(model, CPU, NO_AMP)
-    policy = MPOModel(model, MPOLoss())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        out = policy(batch, ref.logps(batch))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
+    losses, _ = losses_on_fixed_batch(model, ref, batch, steps=6)
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
     cfg = cfg_for(tmp_path / "run", pairs_per_step=4, max_tokens=96)
     with count_calls(model.model.vision_tower) as calls:

@@ -59,7 +59,8 @@ from ..layout import Segments
 from ..logprobs import fused_logprobs
 from ..mpo import MPOLoss
 
-__all__ = ["STATISTICS", "FusedHead", "FusedOutput", "frozen_loss_state", "install", "installed",
+__all__ = ["LOSS_STATE_FILE", "STATISTICS", "FusedHead", "FusedOutput", "frozen_loss_state",
+           "install", "installed", "load_loss_state", "save_loss_state",
            "token_statistics", "uninstall"]
 
 IGNORE_INDEX = -100
@@ -472,6 +473,30 @@ def frozen_loss_state(loss_fn: MPOLoss | None, frozen: bool):
         yield
     finally:
         loss_fn.bco_state.copy_(saved.to(loss_fn.bco_state.device))
+
+
+LOSS_STATE_FILE = "mpo_loss.pt"  # the loss's state beside a Trainer checkpoint
+
+
+def save_loss_state(trainer, loss_fn: MPOLoss, trial) -> None:
+    """Write ``loss_fn``'s state (the BCO running mean) into the checkpoint folder the
+    Hugging Face ``trainer`` has just saved (call after its ``_save_checkpoint``)."""
+    import os
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = os.path.join(trainer._get_output_dir(trial=trial),
+                          f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+    torch.save(loss_fn.state_dict(), os.path.join(folder, LOSS_STATE_FILE))
+
+
+def load_loss_state(loss_fn: MPOLoss, checkpoint: str) -> None:
+    """Restore ``loss_fn``'s state from a checkpoint folder, if it holds one."""
+    import os
+
+    path = os.path.join(checkpoint, LOSS_STATE_FILE)
+    if os.path.exists(path):
+        loss_fn.load_state_dict(torch.load(path, map_location="cpu"))
 
 
 # --------------------------------------------------------------------------- images once

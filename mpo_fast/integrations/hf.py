@@ -50,6 +50,8 @@ from ._head import (
     frozen_loss_state,
     install,
     installed,
+    load_loss_state,
+    save_loss_state,
     uninstall,
 )
 
@@ -312,18 +314,8 @@ class MPOTrainer(transformers.Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            import os
-
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.loss_fn.state_dict(), os.path.join(folder, "mpo_loss.pt"))
+            save_loss_state(self, self.loss_fn, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        import os
-
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, "mpo_loss.pt")
-        if os.path.exists(path):
-            self.loss_fn.load_state_dict(torch.load(path, map_location="cpu"))
+        load_loss_state(self.loss_fn, resume_from_checkpoint)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 
 import torch
 import trl
@@ -66,7 +65,14 @@ from trl.trainer.utils import get_config_model_id
 
 from ..losses import LOSS_TYPES
 from ..mpo import MPOLoss
-from ._head import FusedHead, _Logits, frozen_loss_state, install
+from ._head import (
+    FusedHead,
+    _Logits,
+    frozen_loss_state,
+    install,
+    load_loss_state,
+    save_loss_state,
+)
 
 __all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "check_trl_version", "fused_loss_blocker"]
 
@@ -384,17 +390,12 @@ class FusedDPOTrainer(DPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.mpo_loss is not None and self._bco_delta == "running_mean" and (
                 self.args.should_save):
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.mpo_loss.state_dict(), os.path.join(folder, "mpo_loss.pt"))
+            save_loss_state(self, self.mpo_loss, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, "mpo_loss.pt")
-        if self.mpo_loss is not None and os.path.exists(path):
-            self.mpo_loss.load_state_dict(torch.load(path, map_location="cpu"))
+        if self.mpo_loss is not None:
+            load_loss_state(self.mpo_loss, resume_from_checkpoint)
 
 
 class _WithReferenceLogps:
