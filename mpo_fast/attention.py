@@ -365,13 +365,14 @@ def _masked_attention(q, k, v, seq_ids, scale, causal, window, softcap, dropout)
     """Attention of the rows in one call; ``seq_ids`` None means they are one sequence."""
     N = q.shape[0]
     pos = torch.arange(N, device=q.device)
-    allowed = None if seq_ids is None else seq_ids[:, None] == seq_ids[None, :]
-    if causal and (allowed is not None or window is not None or softcap is not None):
-        allowed = pos[None, :] <= pos[:, None] if allowed is None else (
-            allowed & (pos[None, :] <= pos[:, None]))
+    masks = []
+    if seq_ids is not None:
+        masks.append(seq_ids[:, None] == seq_ids[None, :])
     if window is not None:
-        near = (pos[:, None] - pos[None, :]).abs() < window
-        allowed = near if allowed is None else allowed & near
+        masks.append((pos[:, None] - pos[None, :]).abs() < window)
+    if causal and (masks or softcap is not None):  # else sdpa's is_causal needs no mask
+        masks.append(pos[None, :] <= pos[:, None])
+    allowed = functools.reduce(torch.logical_and, masks) if masks else None
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, D]
     if softcap is None:
         gqa = {"enable_gqa": True} if qh.shape[1] != kh.shape[1] else {}
