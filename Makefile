@@ -17,7 +17,7 @@ TEST_DEPS := "triton>=3.1; platform_system=='Linux'" pybind11 ninja pytest pytes
 SETUP_KEY := $(shell { cat setup.py pyproject.toml csrc/*; echo "$(PYTHON)"; } 2>/dev/null \
 	| sha256sum | cut -c1-16)
 STAMP := build/setup-$(SETUP_KEY).stamp
-CHECK_INSTALL := import os, importlib.util as u, mpo_fast._C, mpo_fast.kernels as k; \
+CHECK_INSTALL := import os, importlib.util as u, mpo_fast._C, mpo_fast.kernels.configs as k; \
 	assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')), k.__file__; \
 	assert all(u.find_spec(m) for m in ('pytest', 'transformers', 'trl', 'peft', 'yaml'))
 

@@ -61,7 +61,6 @@ setup(
     description="Mixed Preference Optimization with fused, memory-lean log-prob kernels",
     python_requires=">=3.10",
     packages=["mpo_fast", "mpo_fast.kernels"],
-    package_dir={"mpo_fast": "mpo_fast", "mpo_fast.kernels": "kernels"},
     license="Apache-2.0",
     install_requires=["torch>=2.5"],
     extras_require={

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -101,7 +101,7 @@ def fused_logprobs_at(hidden, weight, targets, rows, bias, temperature, softcap,
 class _Head:
     """A backend bound to the head's elementwise transform (1/temperature, softcap)."""
 
-    impl: ModuleType
+    impl: ModuleType | SimpleNamespace  # forward / backward of the chosen backend
     inv_temp: float
     softcap: float | None
 
@@ -144,7 +144,7 @@ def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
     """
     if not triton_available() or torch.device(device).type != "cuda":
         return 0
-    from .kernels import warmup as compile_kernels
+    from .kernels.warmup import warmup as compile_kernels
 
     return compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
 
@@ -166,7 +166,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
-def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:
+def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType | SimpleNamespace:
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     if name == "torch":
         return torch_backend
@@ -180,9 +180,9 @@ def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType:
             "TRITON_INTERPRET=1 to run the kernels on the CPU, or use backend='torch'")
     if hidden.dtype == torch.float64:
         raise TypeError("backend='triton' takes bf16, fp16 or fp32 hidden; fp64 needs 'torch'")
-    from . import kernels
+    from .kernels import logprob_backward, logprob_forward
 
-    return kernels
+    return SimpleNamespace(forward=logprob_forward.forward, backward=logprob_backward.backward)
 
 
 def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap) -> None:
