@@ -62,16 +62,23 @@ setup(
     python_requires=">=3.10",
     packages=["mpo_fast", "mpo_fast.kernels"],
     license="Apache-2.0",
+    # Lower bounds are what the code needs; the versions last tested are in constraints.txt.
+    # Upper bounds only for a known incompatibility, each with its reason.
     install_requires=["torch>=2.5"],
     extras_require={
         "triton": ["triton>=3.1"],
         # the trainer (mpo-fast train), the pair pipeline (mpo-fast pairs), the integrations
         "train": ["transformers>=4.45", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
+        # <2: FusedDPOTrainer overrides DPOTrainer's internal hooks (_compute_loss,
+        # compute_ref_log_probs), which a major release is free to change; it refuses others
         "trl": ["trl>=1.15,<2"],
-        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ruff", "trl==1.16.0",
-                 "datasets", "peft", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib"],
+        # `kernels` is Hugging Face's distribution that transformers >= 5.25 imports: the
+        # tests check that nothing in this repository shadows it
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ruff", "trl>=1.15,<2",
+                 "datasets", "peft", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib",
+                 "kernels"],
         # the benchmarks: progress bar, plots, and the peers (TRL's trainer needs datasets, pandas)
-        "bench": ["tqdm", "matplotlib", "liger-kernel", "trl", "datasets", "pandas",
+        "bench": ["tqdm", "matplotlib", "liger-kernel", "trl>=1.15,<2", "datasets", "pandas",
                   "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["mpo-fast=mpo_fast.cli:main"]},
