@@ -15,7 +15,6 @@ trainer, the pair tools or a model.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -46,15 +45,24 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_version(name: str) -> str:
+# The distributions a bug report needs, by their names on PyPI: read from the installed
+# metadata, never imported (an import can fail, or take seconds, and is not what is asked).
+REPORTED = ("triton", "transformers", "trl", "peft", "datasets", "accelerate", "flash-attn",
+            "liger-kernel", "kernels", "tokenizers", "safetensors", "numpy")
+
+
+def distribution_version(name: str) -> str:
+    from importlib import metadata
+
     try:
-        return getattr(importlib.import_module(name), "__version__", "installed")
-    except Exception as exc:  # missing, or broken on import: say which
-        return f"not available ({type(exc).__name__})"
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def info_lines() -> list[str]:
-    """What `mpo-fast info` prints: versions, devices and the implementation each op would use."""
+    """What `mpo-fast info` prints: versions, the extension's build, devices and the
+    implementation each op would use: everything a bug report needs."""
     import torch
 
     from . import attention, packing
@@ -62,12 +70,15 @@ def info_lines() -> list[str]:
 
     cuda = torch.cuda.is_available()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    gpus = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, cap))})"
+            for i, cap in ((i, torch.cuda.get_device_capability(i))
+                           for i in range(torch.cuda.device_count()))]
     lines = [
         f"mpo-fast      {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
         f"python        {platform.python_version()} ({sys.executable})",
+        f"platform      {platform.platform()}",
         f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        *(f"{m:<13} {_module_version(m)}" for m in ("triton", "transformers", "flash_attn")),
+        *(f"{name:<13} {distribution_version(name)}" for name in REPORTED),
         f"cpu           {platform.machine()}, {os.cpu_count()} cores",
         f"gpu           {', '.join(gpus) if gpus else 'none'}",
     ]
@@ -76,7 +87,11 @@ def info_lines() -> list[str]:
                                   else torch.float32)
         lines.append(f"logprobs      backend on {dev.type}: {backend} "
                      f"(MPO_FAST_BACKEND={os.environ.get('MPO_FAST_BACKEND', 'unset')})")
-    ext = "built" if packing._C is not None else "not built (pure-torch fallback)"
+    if packing._C is None:
+        ext = "not built (pure-torch fallback)"
+    else:
+        ext = f"built ({'CPU + CUDA' if packing._C.has_cuda() else 'CPU only'} kernels, " \
+              f"{os.path.basename(packing._C.__file__)})"
     lines.append(f"packing       backend: {packing.backend()}; extension mpo_fast._C {ext}")
     lines.append(f"attention     registered name: {attention.ATTENTION_NAME}")
     return lines

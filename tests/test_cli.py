@@ -48,6 +48,23 @@ def test_info_names_versions_and_backends(capsys):
     assert "logprobs      backend on cpu: torch" in out or "MPO_FAST_BACKEND=triton" in out
 
 
+def test_info_names_every_version_a_bug_report_needs(capsys):
+    from importlib import metadata
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("triton", "transformers", "trl", "peft", "datasets", "accelerate",
+                 "flash-attn", "liger-kernel", "kernels"):
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        try:
+            assert metadata.version(name) in line
+        except metadata.PackageNotFoundError:
+            assert "not installed" in line
+    assert re.search(r"^python +\d+\.\d+", out, re.M)
+    assert re.search(r"^gpu +", out, re.M)
+    assert "extension mpo_fast._C" in out
+
+
 def test_unknown_subcommand_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["no-such-command"])
