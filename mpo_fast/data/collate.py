@@ -7,6 +7,10 @@
         rejected  and its end-of-turn tokens); without a chat template, text + eos
         truncation to max_length: the completions first (right), then the prompt (left), and
                   never through an image token (a `DataError` instead)
+        bad data  (a `DataError` naming the pair's file:line): images for a model without a
+                  processor, an image PIL cannot read or larger than MAX_IMAGE_PIXELS (a
+                  decompression bomb), a chat template or processor that rejects the pair,
+                  chosen and rejected that are the same tokens once tokenized and truncated
 
     collate(pairs, packed=True) -> Batch
         sequences: the B chosen (prompt + chosen) in pair order, then the B rejected, as
@@ -23,6 +27,7 @@ them once and reuses the features for the chosen and the rejected sequence.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +39,9 @@ from .formats import IMAGE_PLACEHOLDER, DataError, Example
 __all__ = ["Batch", "PairTokenizer", "TokenizedPair", "collate", "micro_batches", "step_pairs"]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# Most pixels of one image (8192^2, 200 MB as RGB): far above any VLM's input size, below PIL's
+# own bomb limit, and kept where a library has switched PIL's off (Image.MAX_IMAGE_PIXELS=None).
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -87,11 +95,15 @@ class PairTokenizer:
             raise DataError(ex.source, "the pair has images but the model has no processor "
                             "(a text-only model?)")
         messages = self._messages(ex, len(images))
-        prompt_text = self._render(messages, None)
+        prompt_text = self._render(messages, None, ex.source)
         prompt, pixels, extras = self._encode_prompt(prompt_text, images, ex.source)
-        chosen = self._completion(messages, prompt_text, ex.chosen)
-        rejected = self._completion(messages, prompt_text, ex.rejected)
+        chosen = self._completion(messages, prompt_text, ex.chosen, ex.source)
+        rejected = self._completion(messages, prompt_text, ex.rejected, ex.source)
         prompt, chosen, rejected = self._truncate(prompt, chosen, rejected, ex.source)
+        if chosen == rejected:  # e.g. both cut to the same first tokens, or both unknown words
+            raise DataError(ex.source, "'chosen' and 'rejected' are the same tokens once "
+                            f"tokenized and truncated to max_length={self.max_length} (the "
+                            "pair teaches nothing)")
         return TokenizedPair(prompt, chosen, rejected, pixels, extras, index, ex.source)
 
     # ------------------------------------------------------------------ text
@@ -110,19 +122,21 @@ class PairTokenizer:
                 m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)
         return messages
 
-    def _render(self, messages: list[dict], answer: str | None) -> str:
+    def _render(self, messages: list[dict], answer: str | None, source: str) -> str:
         """The templated prompt (answer None: with the generation prompt) or conversation."""
         if not self._templated:
             text = "\n".join(m["content"] for m in messages)
             return text if answer is None else text + answer
-        if answer is None:
+        if answer is not None:
+            messages = [*messages, {"role": "assistant", "content": answer}]
+        try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-        return self.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": answer}], tokenize=False)
+                                                      add_generation_prompt=answer is None)
+        except Exception as exc:  # a strict template's raise_exception (unknown role, order)
+            raise DataError(source, f"the chat template rejects the pair ({exc})") from exc
 
-    def _completion(self, messages, prompt_text: str, answer: str) -> list[int]:
-        full = self._render(messages, answer) if self._templated else None
+    def _completion(self, messages, prompt_text: str, answer: str, source: str) -> list[int]:
+        full = self._render(messages, answer, source) if self._templated else None
         if full is not None and full.startswith(prompt_text):
             text, eos = full[len(prompt_text):], []  # the template's own end of turn
         else:
@@ -133,8 +147,12 @@ class PairTokenizer:
         special = not self._templated  # a template writes its own BOS
         if not images:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"]), None, {}
-        out = self.processor(text=[text], images=[[_open(p, source) for p in images]],
-                             return_tensors="pt", add_special_tokens=special)
+        pictures = [_open(p, source) for p in images]
+        try:
+            out = self.processor(text=[text], images=[pictures], return_tensors="pt",
+                                 add_special_tokens=special)
+        except Exception as exc:  # the processor's own checks (image count, size, mode)
+            raise DataError(source, f"the processor rejects the pair ({exc})") from exc
         ids = out["input_ids"][0].tolist()
         extras = {k: v for k, v in out.items() if k not in _TEXT_KEYS and k != "pixel_values"
                   and isinstance(v, torch.Tensor)}
@@ -154,15 +172,26 @@ class PairTokenizer:
 
 
 def _open(image, source: str):
+    """An image file as RGB; whatever PIL raises on a bad file, and a decompression bomb (PIL's
+    warning included, or more than MAX_IMAGE_PIXELS), is a `DataError`."""
     if not isinstance(image, str):
         return image  # already an image
     from PIL import Image
 
     try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except OSError as exc:
-        raise DataError(source, f"cannot read image {image} ({exc})") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image) as im:  # reads the header only
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise DataError(source, f"image {image} is {im.width} x {im.height}, more "
+                                    f"than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} (a "
+                                    "decompression bomb?)")
+                return im.convert("RGB")
+    except DataError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError, DecompressionBombError/Warning, ...
+        raise DataError(source, f"cannot read image {image} ({type(exc).__name__}: {exc})"
+                        ) from exc
 
 
 # --------------------------------------------------------------------------- batches

@@ -15,13 +15,21 @@ Two formats (DESIGN.md §5):
 Images are referenced in the text by the placeholder "<image>" (MMPR's own); a prompt without
 any gets one per image in front (`mpo_fast.data.collate` turns them into the model's image
 tokens). Bad data — a malformed line, a missing field, an empty chosen or rejected, a missing
-image file, placeholders that do not match the images — is a `DataError` naming the file and
-line: ``on_error="skip"`` counts it in the `LoadReport` and goes on, ``"raise"`` stops there.
+image file, an image path that leaves the dataset root, placeholders that do not match the
+images, a line that is not UTF-8 or nests JSON too deeply — is a `DataError` naming the file
+and line: ``on_error="skip"`` counts it in the `LoadReport` and goes on, ``"raise"`` stops there.
+A UTF-8 byte-order mark at the start of a file is ignored. A bad MMPR meta.json entry is always
+an error (it names the entry and the field): skipping it would silently drop a whole dataset.
+
+Image paths must resolve (symlinks followed) inside the dataset root — MMPR's "root", the HF
+file's folder — unless ``allow_outside_root=True``: data from someone else cannot make the
+trainer read any file on the machine.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -77,50 +85,37 @@ class LoadReport:
         self.skipped.extend(other.skipped)
 
 
-def load_dataset(path: str, *, on_error: str = "skip", seed: int = 0,
-                 check_images: bool = True) -> tuple[list[Example], LoadReport]:
+def load_dataset(path: str, *, on_error: str = "skip", seed: int = 0, check_images: bool = True,
+                 allow_outside_root: bool = False) -> tuple[list[Example], LoadReport]:
     """Load MMPR (a meta.json of annotation files) or the HF preference format (.jsonl/.json),
-    chosen by the file: a JSON object whose values have "annotation" is an MMPR meta file."""
+    chosen by the file: a .json holding a JSON object is an MMPR meta file (a preference .json
+    holds a list)."""
     _check_on_error(on_error)
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                head = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{exc.lineno}", f"malformed JSON ({exc.msg})") from exc
-        if isinstance(head, dict) and all(isinstance(v, dict) and "annotation" in v
-                                          for v in head.values()):
-            return load_mmpr(path, on_error=on_error, seed=seed, check_images=check_images)
-    return load_preference(path, on_error=on_error, check_images=check_images)
+    opts = dict(on_error=on_error, check_images=check_images,
+                allow_outside_root=allow_outside_root)
+    if path.endswith(".json") and isinstance(_read_json(path), dict):
+        return load_mmpr(path, seed=seed, **opts)
+    return load_preference(path, **opts)
 
 
 def load_mmpr(meta_path: str, *, on_error: str = "skip", seed: int = 0,
-              check_images: bool = True) -> tuple[list[Example], LoadReport]:
-    """MMPR: every dataset of ``meta_path``, repeated or sampled by its repeat_time."""
+              check_images: bool = True, allow_outside_root: bool = False
+              ) -> tuple[list[Example], LoadReport]:
+    """MMPR: every dataset of ``meta_path``, repeated or sampled by its repeat_time. Every
+    entry is checked before any is read; a bad one is an error whatever ``on_error``."""
     _check_on_error(on_error)
-    base = os.path.dirname(os.path.abspath(meta_path))
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if not isinstance(meta, dict):
-        raise DataError(meta_path, "meta file must be a JSON object {name: {root, annotation, "
-                        "repeat_time}}")
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict) or not meta:
+        raise DataError(meta_path, "meta file must be a non-empty JSON object {name: {root, "
+                        "annotation, repeat_time}}")
+    entries = [_meta_entry(meta_path, name, entry) for name, entry in meta.items()]
     examples: list[Example] = []
     report = LoadReport()
     rng = random.Random(seed)
-    for name, entry in meta.items():
-        where = f"{meta_path}[{name!r}]"
-        if not isinstance(entry, dict) or "annotation" not in entry:
-            _bad(DataError(where, "needs 'annotation' (and 'root', 'repeat_time')"), on_error,
-                 report)
-            continue
-        annotation = os.path.join(base, entry["annotation"])
-        root = os.path.join(base, entry.get("root", ""))
-        repeat = float(entry.get("repeat_time", 1))
-        if not repeat > 0:
-            _bad(DataError(where, f"repeat_time must be > 0, got {repeat}"), on_error, report)
-            continue
-        rows, part = _read_lines(annotation, lambda obj, src, root=root: _mmpr_row(
-            obj, src, root, check_images), on_error)
+    for annotation, root, repeat in entries:
+        parse = lambda obj, src, root=root: _mmpr_row(obj, src, root, check_images,
+                                                       allow_outside_root)
+        rows, part = _read_lines(annotation, parse, on_error)
         report.skipped.extend(part.skipped)
         if repeat < 1:
             rows = rng.sample(rows, k=int(len(rows) * repeat))
@@ -131,15 +126,14 @@ def load_mmpr(meta_path: str, *, on_error: str = "skip", seed: int = 0,
     return examples, report
 
 
-def load_preference(path: str, *, on_error: str = "skip",
-                    check_images: bool = True) -> tuple[list[Example], LoadReport]:
+def load_preference(path: str, *, on_error: str = "skip", check_images: bool = True,
+                    allow_outside_root: bool = False) -> tuple[list[Example], LoadReport]:
     """The HF preference format: a .jsonl file, or a .json file holding a list of rows."""
     _check_on_error(on_error)
     root = os.path.dirname(os.path.abspath(path))
-    parse = lambda obj, src: _hf_row(obj, src, root, check_images)
+    parse = lambda obj, src: _hf_row(obj, src, root, check_images, allow_outside_root)
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _read_json(path)
         if not isinstance(data, list):
             raise DataError(path, "a .json preference file must hold a list of rows")
         rows, report = [], LoadReport()
@@ -151,23 +145,82 @@ def load_preference(path: str, *, on_error: str = "skip",
     return rows, report
 
 
-# --------------------------------------------------------------------------- rows
+# --------------------------------------------------------------------------- files
+
+
+def _read_json(path: str):
+    """A whole .json file (a BOM allowed); undecodable bytes, malformed or too deeply nested
+    JSON are a `DataError` with the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}", f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}", f"malformed JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply") from None
+
+
+def _meta_entry(meta_path: str, name: str, entry) -> tuple[str, str, float]:
+    """(annotation path, image root, repeat_time) of one meta.json entry, relative paths taken
+    from meta.json's folder; anything wrong is a `DataError` naming the entry and the field."""
+    where = f"{meta_path}[{name!r}]"
+    if not isinstance(entry, dict):
+        raise DataError(where, "an entry must be an object {root, annotation, repeat_time}, "
+                        f"got {type(entry).__name__}")
+    for key in ("annotation", "root"):
+        if not isinstance(entry.get(key, ""), str):
+            raise DataError(where, f"{key!r} must be a path (a string), got {entry[key]!r}")
+    if not entry.get("annotation"):
+        raise DataError(where, "missing 'annotation' (the .jsonl file of pairs)")
+    base = os.path.dirname(os.path.abspath(meta_path))
+    annotation = os.path.join(base, entry["annotation"])
+    if not os.path.isfile(annotation):
+        raise DataError(where, f"'annotation' file {annotation} does not exist")
+    repeat = entry.get("repeat_time", 1)
+    try:  # a number, or a string of one, as float() reads it; never a bool
+        value = math.nan if isinstance(repeat, bool) else float(repeat)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(where, f"'repeat_time' must be a number > 0, got {repeat!r}")
+    return annotation, os.path.join(base, entry.get("root", "")), value
 
 
 def _read_lines(path: str, parse, on_error: str) -> tuple[list[Example], LoadReport]:
+    """Each non-blank line of a .jsonl file, decoded on its own: a line that is not UTF-8 is a
+    bad line (with its number), not the end of the file; a BOM on line 1 is dropped."""
     rows, report = [], LoadReport()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            src = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                _bad(DataError(src, f"not UTF-8 ({exc.reason} at byte {exc.start + 1} of the "
+                               "line)"), on_error, report)
+                continue
             if not line.strip():
                 continue
-            src = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 _bad(DataError(src, f"malformed JSON ({exc.msg})"), on_error, report)
                 continue
+            except RecursionError:
+                _bad(DataError(src, "JSON nested too deeply"), on_error, report)
+                continue
             _parse_into(rows, report, parse, obj, src, on_error)
     return rows, report
+
+
+# --------------------------------------------------------------------------- rows
 
 
 def _parse_into(rows, report, parse, obj, src, on_error) -> None:
@@ -177,18 +230,20 @@ def _parse_into(rows, report, parse, obj, src, on_error) -> None:
         rows.append(parse(obj, src))
     except DataError as err:
         _bad(err, on_error, report)
+    except RecursionError:  # a nested field that text conversion recurses into
+        _bad(DataError(src, "JSON nested too deeply"), on_error, report)
 
 
-def _mmpr_row(obj: dict, src: str, root: str, check_images: bool) -> Example:
+def _mmpr_row(obj: dict, src: str, root: str, check_images: bool, outside: bool) -> Example:
     image = obj.get("image")
     paths = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise DataError(src, "'image' must be a path, a list of paths, or absent")
     question = _text(obj, "question", src)
-    return _example(question, obj, src, [os.path.join(root, p) for p in paths], check_images)
+    return _example(question, obj, src, _image_paths(paths, root, src, outside), check_images)
 
 
-def _hf_row(obj: dict, src: str, root: str, check_images: bool) -> Example:
+def _hf_row(obj: dict, src: str, root: str, check_images: bool, outside: bool) -> Example:
     if "prompt" not in obj:
         raise DataError(src, "missing 'prompt'")
     prompt = obj["prompt"]
@@ -201,7 +256,22 @@ def _hf_row(obj: dict, src: str, root: str, check_images: bool) -> Example:
     images = obj.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise DataError(src, "'images' must be a list of paths (or absent)")
-    return _example(prompt, obj, src, [os.path.join(root, p) for p in images], check_images)
+    return _example(prompt, obj, src, _image_paths(images, root, src, outside), check_images)
+
+
+def _image_paths(paths: list[str], root: str, src: str, outside: bool) -> list[str]:
+    """The image paths joined to the dataset root; unless ``outside`` (allow_outside_root),
+    one that resolves outside the root (``..``, an absolute path, a symlink) is bad data."""
+    joined = [os.path.join(root, p) for p in paths]
+    if outside:
+        return joined
+    base = os.path.realpath(root)
+    for p in joined:
+        real = os.path.realpath(p)
+        if os.path.commonpath([base, real]) != base:
+            raise DataError(src, f"image {p} resolves to {real}, outside the dataset root "
+                            f"{base} (allow_outside_root / --allow-outside-root permits it)")
+    return joined
 
 
 def _example(prompt, obj: dict, src: str, images: list[str], check_images: bool) -> Example:
@@ -248,8 +318,8 @@ def _message(m, src: str) -> dict:
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append(str(part.get("text", "")))
+            if kind == "text" and isinstance(part.get("text", ""), str):
+                parts.append(part.get("text", ""))
             elif kind == "image":
                 parts.append(IMAGE_PLACEHOLDER)
             else:
