@@ -17,12 +17,22 @@ from pathlib import Path
 
 __all__ = ["add_parser", "load_model", "main", "run"]
 
+DESCRIPTION = """Make MMPR preference pairs from a model's own samples, then train on them with
+`mpo-fast train --data OUT/meta.json`.
+
+  correctness  sample K chain-of-thought answers per question with a ground truth; pair
+               right (chosen) against wrong (rejected)
+  dropout-ntp  chosen = the model's answer; rejected = its first half continued by the
+               model without the image (no ground truth needed)
+  demo         the whole method in miniature on the CPU (tiny VLM, synthetic task)"""
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `pairs` command (with its subcommands) to a top-level CLI's subparsers."""
     p = subparsers.add_parser("pairs", help="make MMPR preference pairs (correctness, "
                               "dropout-ntp) or run the miniature demo",
-                              description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+                              description=DESCRIPTION,
+                              formatter_class=argparse.RawTextHelpFormatter)
     configure(p)
     return p
 
@@ -57,8 +67,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                        "task, make correctness pairs from its samples, MPO, accuracy before/after")
     m.add_argument("--out", default="runs/pairs-demo",
                    help="output folder (runs/pairs-demo: ignored by git in a checkout)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--quick", action="store_true", help="a smaller, faster run (a smoke test)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the task, the models and the "
+                   "sampling (0)")
+    m.add_argument("--quick", action="store_true", help="a smoke test: every stage on a few "
+                   "questions in about a minute; its accuracies say nothing about the method")
     m.add_argument("--no-control", action="store_true",
                    help="skip the SFT-only control run (about 40%% less time)")
     m.set_defaults(func=run)
@@ -74,11 +86,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", default=None, help="folder the image paths are relative to")
     p.add_argument("--limit", type=int, default=None, help="use the first N items only")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (16)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature (0.7, the paper's)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens (50; 0 = no limit)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling threshold (1.0 = no limit)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="(1024)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda:0...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
@@ -121,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = MiniatureConfig.quick(args.seed) if args.quick else MiniatureConfig(seed=args.seed)
         if args.no_control:
             cfg = replace(cfg, control=False)
+        if args.quick:
+            print(_QUICK_NOTE)
         run_miniature(args.out, cfg)
+        if args.quick:
+            print(_QUICK_NOTE)
         return 0
 
     import torch
@@ -155,9 +174,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_QUICK_NOTE = ("--quick is a smoke test: every stage runs, on too few questions and steps for "
+               "its accuracies to say anything about MPO; the real miniature is `mpo-fast pairs "
+               "demo` without --quick")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mpo_fast.pairs ...` / `mpo-fast pairs ...`."""
-    p = argparse.ArgumentParser(prog="mpo-fast pairs", description=__doc__,
+    p = argparse.ArgumentParser(prog="mpo-fast pairs", description=DESCRIPTION,
                                 formatter_class=argparse.RawTextHelpFormatter)
     configure(p)
     args = p.parse_args(argv)
