@@ -24,6 +24,7 @@ class TrainConfig:
     data: str = "tiny"  # "tiny" (bundled task), an MMPR meta.json, or HF preference .jsonl/.json
     output_dir: str = ""  # where metrics and checkpoints go ("": runs/<timestamp>)
     on_bad_data: str = "skip"  # "skip" (counted, reported) or "raise"
+    allow_outside_root: bool = False  # image paths may leave the data's root (.., /abs, symlinks)
     max_length: int = 4096  # tokens of one sequence (prompt + answer)
     # the loss (MPO, the paper's)
     beta: float = 0.1  # KL coefficient of the preference terms
