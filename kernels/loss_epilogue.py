@@ -9,7 +9,9 @@ Three small kernels, in the order they run, none of which syncs with the host:
    weighted and averaged, the preference metrics, and the per-sequence gradient coefficients
        coef[i] = dL/dc_i,  coef[B + i] = dL/dr_i
    in closed form (derivations beside each term). One program sees every pair, so the batch
-   means, the SFT token count and the BCO shift need no second pass. B is at most MAX_PAIRS;
+   means, the SFT token count and the BCO shift need no second pass. The SFT term is either
+   the token mean -sum(c) / sum(L_c) or, with SFT_PER_SEQUENCE, the mean over pairs of
+   -c_i / L_c_i (each answer by its own length). B is at most MAX_PAIRS;
    BLOCK_B = next power of two >= B keeps them all in registers.
 3. `_broadcast_kernel` (backward, one program per sequence): grad_logp[t] = g[s] for t in s,
    where g = dL_total/dseq (coef * upstream grad, plus any gradient on the sequence log-probs).
@@ -44,7 +46,7 @@ APO_ZERO = tl.constexpr(8)  # 1 - s(beta zc) + s(beta zr)
 APO_DOWN = tl.constexpr(9)  # s(beta zc) + 1 - s(u)
 DISCOPOP = tl.constexpr(10)  # (1 - m)(-ls(u)) + m exp(-u), m = s(u / tau)
 ORPO = tl.constexpr(11)  # -beta ls(log-odds of the average log-probs c/L_c vs r/L_r)
-SFT = tl.constexpr(12)  # -sum(c) / (chosen completion tokens in the batch): one scalar
+SFT = tl.constexpr(12)  # -sum(c) / sum(L_c), or mean(-c / L_c) with SFT_PER_SEQUENCE
 NUM_TERMS = 13
 ALL_TERMS = (1 << NUM_TERMS) - 1
 
@@ -55,7 +57,7 @@ REWARDS_ACCURACIES = tl.constexpr(2)  # zc > zr
 REWARDS_MARGINS = tl.constexpr(3)  # u
 LOGPS_CHOSEN = tl.constexpr(4)  # c
 LOGPS_REJECTED = tl.constexpr(5)  # r
-NLL = tl.constexpr(6)  # the SFT term, also when it is not weighted in
+NLL = tl.constexpr(6)  # the SFT term (either normalization), also when it is not weighted in
 DELTA = tl.constexpr(7)  # the BCO shift used
 NUM_METRICS = 8
 
@@ -138,7 +140,7 @@ def _add_term(K: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, 
 def _pair_terms_kernel(
     Seq, Ref, Count, Delta, W, Loss, Metrics, TermMetrics, Coef,
     B, beta, e, tau, orpo_cap,
-    TYPES: tl.constexpr, BLOCK_B: tl.constexpr,
+    TYPES: tl.constexpr, SFT_PER_SEQUENCE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     types = tl.constexpr(TYPES)  # (a plain int under the interpreter: `>>` needs a constexpr)
     i = tl.arange(0, BLOCK_B)
@@ -238,14 +240,20 @@ def _pair_terms_kernel(
         total, gc, gr = _add_term(ORPO, -beta * _ls(lo), dc, dr,
                                   m, W, TermMetrics, inv_b, total, gc, gr)
 
-    # SFT: -(sum of chosen token log-probs) / (chosen tokens in the batch); also the nll metric.
-    tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
-    nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
+    # SFT, also the nll metric. Per sequence: mean_i(-c_i / L_c_i), d/dc_i = -1 / (B L_c_i).
+    # Token mean: -sum(c) / T, T = chosen tokens in the batch (>= 1), d/dc_i = -1 / T.
+    if SFT_PER_SEQUENCE:
+        nll = -tl.sum(tl.where(m, c / lc, 0.0), axis=0) * inv_b
+        dnll = -inv_b / lc
+    else:
+        tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
+        nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
+        dnll = tl.zeros((BLOCK_B,), dtype=tl.float32) - 1.0 / tokens
     if (types >> SFT) & 1:
         w = tl.load(W + SFT)
         tl.store(TermMetrics + SFT, nll)
         total += w * nll
-        gc += -w / tokens
+        gc += w * dnll
 
     tl.store(Loss, total)
     tl.store(Metrics + REWARDS_CHOSEN, tl.sum(tl.where(m, beta * zc, 0.0), axis=0) * inv_b)
@@ -284,13 +292,14 @@ def broadcast(g, cu_seqlens, num_tokens):
 
 
 def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoothing, tau,
-               orpo_cap):
+               orpo_cap, sft_per_sequence=False):
     """(loss [], out [NUM_METRICS + NUM_TERMS], coef [2B]) for the batch, fp32.
 
     ``seq``, ``ref_seq``, ``count`` are fp32 [2B] (chosen then rejected); ``delta`` a 1-element
     device tensor; ``types`` an int of term bits (a subset of ALL_TERMS); ``term_weights`` fp32
     [NUM_TERMS] on the device, indexed by bit (a host-to-device copy here would sync);
-    ``orpo_cap`` the largest average log-prob ORPO takes (log(1 - exp(a)) needs a < 0).
+    ``orpo_cap`` the largest average log-prob ORPO takes (log(1 - exp(a)) needs a < 0);
+    ``sft_per_sequence`` picks the SFT normalization (False: the token mean).
     ``out`` holds the metrics at their slots, then each term's batch mean at NUM_METRICS + bit
     (NaN for terms that are off).
     """
@@ -306,5 +315,6 @@ def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoo
     _pair_terms_kernel[(1,)](
         seq, ref_seq, count, delta, term_weights, loss, out, out[NUM_METRICS:], coef,
         B, float(beta), float(label_smoothing), float(tau), float(orpo_cap),
-        TYPES=types, BLOCK_B=max(16, triton.next_power_of_2(B)))
+        TYPES=types, SFT_PER_SEQUENCE=bool(sft_per_sequence),
+        BLOCK_B=max(16, triton.next_power_of_2(B)))
     return loss, out, coef

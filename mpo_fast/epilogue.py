@@ -138,7 +138,8 @@ def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
         delta = torch.zeros((), device=seq.device)
     loss, out, coef = _kernels().pair_terms(
         seq, ref, count, delta.reshape(1), layout.types, layout.weights, cfg.beta,
-        cfg.label_smoothing, cfg.discopop_tau, ORPO_MAX_AVG_LOGP)
+        cfg.label_smoothing, cfg.discopop_tau, ORPO_MAX_AVG_LOGP,
+        sft_per_sequence=cfg.sft_normalize == "sequence")
     return loss, out.index_select(0, layout.order), coef
 
 

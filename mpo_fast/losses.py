@@ -3,8 +3,12 @@
 Notation (docs/DESIGN.md §3.3): c, r = summed completion log-probs of chosen / rejected under the
 policy, c0, r0 the same under the reference, L_c, L_r their completion token counts,
 zc = c - c0, zr = r - r0, D = zc - zr, s = sigmoid, ls = logsigmoid, e = label_smoothing.
-Each loss below is per pair; the total is sum_k w_k * mean_over_pairs(loss_k) ("sft" is
-already one scalar, a token mean).
+Each loss below is per pair; the total is sum_k w_k * mean_over_pairs(loss_k). "sft" is
+normalized by ``sft_normalize``:
+
+    "token"     -sum_i c_i / sum_i L_c_i           one token mean over the batch (TRL's)
+    "sequence"  mean_i (-c_i / L_c_i)              each chosen answer by its own length, then
+                                                   the mean over pairs (the paper's Eq. 5)
 
 This is the torch implementation (differentiable by autograd). The fused epilogue kernel
 (kernels/loss_epilogue.py) holds the same math in closed form under its own bit constants;
@@ -17,8 +21,9 @@ keep): ``bco_delta="running_mean"``. ``bco_delta="none"`` gives delta = 0 (TRL >
 
 Empty completions: a sequence with no completion token has log-prob 0 (probability 1), its
 length counts as 1 in the per-token averages (ipo, orpo), and its pair still counts in the
-batch means; "sft" divides by the real number of chosen tokens. `MPOLoss` refuses a batch with
-no completion token at all.
+batch means; "sft" with "token" divides by the real number of chosen tokens, with "sequence"
+such a pair adds 0 to the mean over pairs. `MPOLoss` refuses a batch with no completion token
+at all.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def _discopop(p: Pairs):
     return (1 - m) * -ls(u) + torch.exp(ls(u / p.tau) - u)
 
 
-# loss_type -> per-pair loss. "sft" is handled apart: it is a token mean, not per pair.
+# loss_type -> per-pair loss. "sft" is handled apart (`sft_term`): a token mean or a mean of
+# per-answer means, by `LossConfig.sft_normalize`.
 # Papers: sigmoid = DPO, arXiv:2305.18290 (e > 0: cDPO); hinge = RSO, 2309.06657;
 # ipo 2310.12036; robust 2403.00409; bco_pair 2404.04656; sppo_hard 2405.00675;
 # nca_pair 2402.05369; aot, aot_pair 2406.05882; exo_pair 2402.00856; apo_zero, apo_down
@@ -117,6 +123,7 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
 BCO_DELTAS = ("running_mean", "none")
+SFT_NORMALIZE = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,9 @@ class LossConfig:
         bco_delta: "running_mean" (the paper's reward shift, TRL <= 0.28 / InternVL) or
             "none" (delta = 0, TRL >= 0.29 / Liger). Only "bco_pair" uses it.
         discopop_tau: temperature of the discopop modulation.
+        sft_normalize: how "sft" averages the chosen answers' NLL: "token" (the token mean
+            over the batch, TRL's) or "sequence" (each answer's NLL over its own length, then
+            the mean over pairs: the paper's Eq. 5).
     """
 
     loss_types: Sequence[str] = MPO_LOSS_TYPES
@@ -140,6 +150,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     bco_delta: str = "running_mean"
     discopop_tau: float = 0.05
+    sft_normalize: str = "token"
 
     def __post_init__(self):
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
@@ -170,6 +181,9 @@ class LossConfig:
         if self.bco_delta not in BCO_DELTAS:
             raise ValueError(f"bco_delta must be 'running_mean' or 'none', got "
                              f"{self.bco_delta!r}")
+        if self.sft_normalize not in SFT_NORMALIZE:
+            raise ValueError(f"sft_normalize must be 'token' (TRL's token mean) or 'sequence' "
+                             f"(the paper's per-answer mean), got {self.sft_normalize!r}")
         if not float(self.discopop_tau) > 0:
             raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
         for name, value in (("loss_types", types), ("loss_weights", weights), ("beta", beta),
@@ -231,6 +245,7 @@ def preference_loss(
     bco_delta: str = "running_mean",
     bco_state: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
+    sft_normalize: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MPO-style combined loss on sequence log-probs (the functional core of `MPOLoss`).
 
@@ -241,9 +256,13 @@ def preference_loss(
         loss_types, loss_weights, beta, label_smoothing, discopop_tau: as in `LossConfig`
             (``L = sum_k w_k * mean_i loss_k(pair i)``; weights default to MPO's for the MPO
             types, else 1.0 each, as in `MPOLoss`).
-        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (ipo, orpo use them;
-            "sft" without ``sft_loss`` is ``-sum(chosen_logps) / sum(chosen_lengths)``).
-        sft_loss: the SFT term if computed elsewhere (a token-mean NLL, scalar).
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (ipo, orpo and "sft"
+            without ``sft_loss`` use them).
+        sft_loss: the SFT term if computed elsewhere (a scalar NLL, normalized by the caller:
+            ``sft_normalize`` is then unused).
+        sft_normalize: "token" (default, TRL's): "sft" is ``-sum(chosen_logps) /
+            sum(chosen_lengths)``; "sequence" (the paper's Eq. 5): ``mean(-chosen_logps /
+            chosen_lengths)``, lengths clamped to >= 1.
         bco_delta: the BCO reward shift, as in `MPOLoss` and with the same default:
             "running_mean" (the paper's) folds this call's mean reward into ``bco_state`` and
             uses the updated mean; "none" uses delta = 0.
@@ -255,7 +274,8 @@ def preference_loss(
     Returns:
         (loss, metrics): the scalar loss and TRL-named metrics as detached 0-dim tensors.
     """
-    cfg = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta, discopop_tau)
+    cfg = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta, discopop_tau,
+                     sft_normalize)
     c, r = chosen_logps, rejected_logps
     if c.dim() != 1 or c.shape != r.shape:
         raise ValueError(f"chosen_logps and rejected_logps must both be [B], got "
@@ -286,6 +306,16 @@ def preference_loss(
                          bco_state)
 
 
+def sft_term(cfg: LossConfig, c, chosen_lengths=None):
+    """The SFT term on ``[B]`` chosen log-probs: "token" -sum(c) / sum(L_c), "sequence"
+    mean(-c / max(L_c, 1)). Without lengths every answer counts as one token."""
+    if cfg.sft_normalize == "sequence":
+        lengths = torch.ones_like(c) if chosen_lengths is None else chosen_lengths.to(c)
+        return (-c / lengths.clamp(min=1)).mean()
+    tokens = chosen_lengths.to(c).sum() if chosen_lengths is not None else c.new_tensor(len(c))
+    return -c.sum() / tokens.clamp(min=1)
+
+
 def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
                   rejected_lengths=None, sft_loss=None, bco_state=None):
     """`preference_loss` on checked inputs: ``[B]`` tensors (``c0``/``r0`` None = 0), the
@@ -302,8 +332,7 @@ def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
     if cfg.running_delta:
         delta = update_bco_state(bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
     if sft_loss is None:
-        tokens = chosen_lengths.to(c).sum() if chosen_lengths is not None else c.new_tensor(len(c))
-        sft_loss = -c.sum() / tokens.clamp(min=1)
+        sft_loss = sft_term(cfg, c, chosen_lengths)
 
     pairs = Pairs(c, r, c0, r0, len_c, len_r, beta, cfg.label_smoothing, delta,
                   cfg.discopop_tau)

@@ -57,6 +57,12 @@ class MPOLoss(nn.Module):
         ignore_index: target value of prompt, image and padding positions.
         temperature, softcap, backend: passed to `fused_logprobs`.
         discopop_tau: temperature of the discopop modulation.
+        sft_normalize: how "sft" averages the chosen answers' NLL: "token" (default; TRL's
+            token mean over the batch) or "sequence" (the paper's Eq. 5: each answer's NLL over
+            its own completion length, then the mean over pairs). Under gradient accumulation
+            scale each micro-batch's loss by its pairs / the step's pairs (as for every
+            per-pair term): with "sequence" the sum is then exactly the step's loss;
+            `mpo_fast.train.loop.objective` does this, and the token mean's correction.
 
     The options live in two frozen config objects, one per op: ``self.loss_config`` (a
     `mpo_fast.losses.LossConfig`, checked here) and ``self.head_config`` (a `HeadConfig`).
@@ -74,10 +80,11 @@ class MPOLoss(nn.Module):
         softcap: float | None = None,
         discopop_tau: float = 0.05,
         backend: str = "auto",
+        sft_normalize: str = "token",
     ):
         super().__init__()
         self.loss_config = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta,
-                                      discopop_tau)
+                                      discopop_tau, sft_normalize)
         self.head_config = HeadConfig(ignore_index, temperature, softcap, backend)
         # BCO running mean and count (count starts at ~0, so the first batch sets the mean);
         # updated by calls in training mode only

@@ -1,7 +1,8 @@
 """`TrainConfig`: every knob of the trainer, one dataclass with the paper's defaults.
 
 Sources, later ones win: the dataclass defaults (MPO as trained for InternVL2-8B-MPO: beta 0.1,
-sigmoid + bco_pair + sft at 0.8 / 0.2 / 1.0 with the running-mean BCO shift, lr 5e-6, cosine
+sigmoid + bco_pair + sft at 0.8 / 0.2 / 1.0 with the running-mean BCO shift and the SFT term
+normalized per answer (the paper's Eq. 5), lr 5e-6, cosine
 schedule with 3% warmup, weight decay 0.05, bf16 autocast on GPU), then a preset (``tiny``:
 the bundled model and task, whose random init needs a far larger learning rate), then a YAML
 file (``--config``), then command-line flags (``--lr 1e-5``, ``--loss-types sigmoid,sft``,
@@ -31,6 +32,7 @@ class TrainConfig:
     loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")  # any of mpo_fast.LOSS_TYPES
     loss_weights: tuple[float, ...] = (0.8, 0.2, 1.0)  # one per loss type
     bco_delta: str = "running_mean"  # the paper's reward shift; "none" for delta = 0
+    sft_normalize: str = "sequence"  # the paper's Eq. 5 (per answer); "token": TRL's token mean
     label_smoothing: float = 0.0  # cDPO / robust / exo_pair / aot
     reference: str = "copy"  # "copy" (frozen), "cached" (log-probs on disk), "adapter" (PEFT)
     ref_cache_dir: str = ""  # for reference="cached" ("": <output_dir>/ref_cache)
@@ -68,6 +70,7 @@ class TrainConfig:
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         _choice("on_bad_data", self.on_bad_data, ("skip", "raise"))
+        _choice("sft_normalize", self.sft_normalize, ("sequence", "token"))
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))

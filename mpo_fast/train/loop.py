@@ -6,11 +6,13 @@ under ``max_tokens`` (the planner), runs them with gradient accumulation, and th
 exactly the loss of the whole global batch, however it was split:
 
     L = sum_k w_k * mean over the step's pairs (loss_k)      (sigmoid, bco_pair, ...)
-      + w_sft * (-(sum of chosen completion log-probs) / (number of chosen tokens in the step))
+      + w_sft * mean over the step's pairs (-c_i / L_c_i)    (sft_normalize="sequence")
+      or w_sft * (-(sum of chosen completion log-probs) / (chosen tokens in the step)) ("token")
 
-A micro-batch contributes J = (its pairs / step pairs) * (its MPOLoss, SFT term removed)
-+ w_sft * (-(its chosen log-probs) / step chosen tokens), differentiable through
-``out.chosen_logps``; backward on J * world (DDP and FSDP2 average over processes).
+A micro-batch contributes J = (its pairs / step pairs) * (its MPOLoss), exact for every
+per-pair term and for the per-sequence SFT term; with "token" its SFT term is swapped for
+w_sft * (-(its chosen log-probs) / step chosen tokens), differentiable through
+``out.chosen_logps``. Backward on J * world (DDP and FSDP2 average over processes).
 
 The policy is an `MPOModel` (backbone + LM head + fused loss in one forward) wrapped by DDP or
 FSDP2; the reference a frozen copy, a disk cache, or the adapter-disabled PEFT policy.
@@ -83,7 +85,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
     model.to(ctx.device).train()
     ref = reference.make(cfg, model, examples, tokenize, ctx, out_dir, autocast, amp)
     loss_fn = MPOLoss(cfg.beta, cfg.loss_types, cfg.loss_weights, cfg.label_smoothing,
-                      cfg.bco_delta, softcap=logit_softcap(model))
+                      cfg.bco_delta, softcap=logit_softcap(model),
+                      sft_normalize=cfg.sft_normalize)
     policy = distributed.wrap(MPOModel(model, loss_fn, amp).to(ctx.device), ctx)
 
     # ------------------------------------------------------------- optimizer and schedule
@@ -193,11 +196,12 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
 
 
 def objective(out, batch, step_pairs_total: int, step_chosen_total: int, loss_fn: MPOLoss):
-    """This micro-batch's share J of the step's loss (see the module docstring)."""
+    """This micro-batch's share J of the step's loss (see the module docstring): the sum of
+    the step's J over micro-batches and processes is the loss of the step's whole batch."""
     frac = batch.num_pairs / step_pairs_total
     J = frac * out.loss
     cfg = loss_fn.loss_config
-    if "sft" in cfg.loss_types:
+    if "sft" in cfg.loss_types and cfg.sft_normalize == "token":
         w = cfg.loss_weights[cfg.loss_types.index("sft")]
         c = out.chosen_logps.sum()
         J = J + w * (frac * c / max(batch.chosen_tokens, 1) - c / max(step_chosen_total, 1))
