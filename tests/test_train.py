@@ -361,15 +361,29 @@ def test_the_demo_runs_end_to_end_and_reports(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_curves_plot_runs_in_order_and_refuse_empty_folders(tmp_path, capsys):
+def test_curves_plot_into_the_run_folder_overlaid_or_in_order(tmp_path, capsys, monkeypatch):
     for name, losses in (("sft", [3.0, 2.0]), ("mpo", [1.5, 1.0, 0.5])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": i + 1, "loss": x, "nll_loss": x}) + "\n"
             for i, x in enumerate(losses)))
+    drawn = {}
+    real = plot.plot_curves
+
+    def spy(runs, path, title="", after=False):
+        drawn.update(runs=list(runs), after=after)
+        return real(runs, path, title, after)
+
+    monkeypatch.setattr(plot, "plot_curves", spy)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    assert plot.main([str(tmp_path / "sft"), str(tmp_path / "mpo")]) == 0
+    assert drawn == {"runs": ["sft", "mpo"], "after": False}  # overlaid by default
+    assert (tmp_path / "sft" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "curves.png").exists()
     png = tmp_path / "c.png"
-    assert plot.main([str(tmp_path / "sft"), str(tmp_path / "mpo"), "--out", str(png)]) == 0
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot.main([str(tmp_path / "sft"), str(tmp_path / "mpo"), "--after", "--out",
+                      str(png)]) == 0
+    assert drawn["after"] and png.read_bytes()[:4] == b"\x89PNG"
     assert plot.main([str(tmp_path / "nothing-here"), "--out", str(png)]) == 2
     assert "no metrics.jsonl records" in capsys.readouterr().err
 

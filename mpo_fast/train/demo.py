@@ -86,7 +86,7 @@ def run_demo(cfg: TrainConfig) -> int:
                           "MPO": os.path.join(out_dir, "mpo")},
                          os.path.join(out_dir, "curves.png"),
                          title="mpo-fast demo: SFT warm-up, then MPO (held-out results in "
-                               "summary.json)")
+                               "summary.json)", after=True)
     summary = {"stages": stages, "head": head, "mpo_last_step": result.history[-1],
                "wall_time_s": time.perf_counter() - t_start, "output_dir": out_dir,
                "curves": curves, "stopped_by": result.stopped_by}
