@@ -264,7 +264,7 @@ def test_bco_running_mean(text_setup, tmp_path):
     state = trainer.mpo_loss.bco_state.clone()
     assert state[0].item() == pytest.approx(batch_mean, rel=1e-5, abs=1e-7)
     assert set(logs) - set(trl_logs) == {"bco/delta"}
-    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "mpo_loss.pt")
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "mpo_loss.pt", weights_only=True)
     assert torch.equal(saved["bco_state"], state)
     trainer.evaluate(Dataset.from_list(rows))
     assert torch.equal(trainer.mpo_loss.bco_state, state)

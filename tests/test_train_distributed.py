@@ -78,7 +78,7 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, single, tmp_pa
            out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(f"{out}/rank-{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(f"{out}/rank-{r}.pt", weights_only=True) for r in range(2)]
     ref_losses = [h["loss"] for h in ref.history]
     for r in ranks:
         assert r["sharded"] == (mode == "fsdp")

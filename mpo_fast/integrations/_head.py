@@ -496,7 +496,7 @@ def load_loss_state(loss_fn: MPOLoss, checkpoint: str) -> None:
 
     path = os.path.join(checkpoint, LOSS_STATE_FILE)
     if os.path.exists(path):
-        loss_fn.load_state_dict(torch.load(path, map_location="cpu"))
+        loss_fn.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 # --------------------------------------------------------------------------- images once

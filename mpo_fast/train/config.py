@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import signal
 from dataclasses import dataclass, fields
 
 __all__ = ["PRESETS", "TrainConfig", "resolve"]
@@ -43,7 +45,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant" (after warmup)
     min_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
-    max_grad_norm: float = 1.0  # gradient clipping (global norm)
+    max_grad_norm: float | None = 1.0  # gradient clipping (global norm); none or inf: off
     epochs: float = 1.0  # passes over the data (when max_steps is 0)
     max_steps: int = 0  # > 0: train this many optimizer steps (cycling the data) instead
     pairs_per_step: int = 16  # the global batch, in pairs, of one optimizer step
@@ -59,9 +61,13 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str = ""  # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint path
+    resume_force: bool = False  # resume a checkpoint whose run had other data / model / loss
+    max_nonfinite_steps: int = 10  # stop with an error after this many non-finite steps in a row
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")  # checkpoint, exit
     progress: bool = True  # a progress bar on rank 0
 
     def __post_init__(self):
+        _coerce(self)
         for name in ("loss_types", "loss_weights", "adam_betas"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -83,6 +89,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_ranges(self)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -116,6 +123,99 @@ def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> Trai
         raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
     preset = PRESETS.get(values.get("model", TrainConfig.model), {})
     return TrainConfig(**{**preset, **values})
+
+
+# Fields a resumed run may change: where and how often it reports and saves, how it splits
+# the work (memory, processes). Every other field is the run's identity: `--resume` refuses a
+# checkpoint whose run differed in one of them (unless --resume-force).
+NOT_IDENTITY = frozenset({
+    "output_dir", "resume", "resume_force", "progress", "log_every", "save_every",
+    "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
+    "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir"})
+
+
+def identity_changes(saved: dict, now: dict) -> dict:
+    """``{field: (saved value, current value)}`` for the identity fields that differ."""
+    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now))
+            if k not in NOT_IDENTITY and saved[k] != now[k]}
+
+
+_YES, _NO = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(cfg: TrainConfig) -> None:
+    """Every field to its declared type, so that YAML's strings (YAML 1.1 reads ``1e-5`` as a
+    string) and flags agree; a value that does not convert is an error naming the field."""
+    for f in fields(cfg):
+        kind = str(f.type).replace(" ", "")
+        value = getattr(cfg, f.name)
+        if kind.startswith("tuple["):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{f.name} must be a list (or comma-separated), got {value!r}")
+            inner = kind[len("tuple["):].split(",")[0]
+            setattr(cfg, f.name, tuple(_convert(f.name, v, inner) for v in value))
+        elif kind.endswith("|None") and (value is None or str(value).lower() in ("none", "null")):
+            setattr(cfg, f.name, None)
+        else:
+            setattr(cfg, f.name, _convert(f.name, value, kind.removesuffix("|None")))
+
+
+def _convert(name: str, value, kind: str):
+    """``value`` as a ``kind`` ("int", "float", "bool" or "str"), or ValueError naming ``name``."""
+    wrong = ValueError(f"{name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _YES | _NO:
+            return str(value).strip().lower() in _YES
+        raise wrong
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong
+    if kind == "str":
+        return str(value)
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise wrong from None
+    if kind == "float":
+        return float(number)
+    if not math.isfinite(number) or number != int(number):
+        raise wrong
+    return int(number)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every number in its range, named in the message: a setting that would silently do
+    nothing (max_steps -3, max_grad_norm 0) or harm (a negative learning rate) is refused."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v) and f.name != "max_grad_norm":
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (the global norm to clip to), or none / "
+                         f"inf for no clipping; got {cfg.max_grad_norm}")
+    if cfg.max_grad_norm == math.inf:
+        cfg.max_grad_norm = None
+    rules = [("lr", cfg.lr > 0, "> 0"), ("beta", cfg.beta > 0, "> 0"),
+             ("epochs", cfg.epochs > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+             ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+             ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+             ("adam_betas", len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas),
+              "two values in [0, 1)"),
+             ("max_steps", cfg.max_steps >= 0, ">= 0 (0: epochs decide)"),
+             ("seed", cfg.seed >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
+             ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
+             ("max_nonfinite_steps", cfg.max_nonfinite_steps >= 1, ">= 1")]
+    for name, ok, must in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {must}, got {getattr(cfg, name)!r}")
+    signals = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
+    unknown = [s for s in cfg.stop_signals if s not in signals]
+    if unknown:
+        raise ValueError(f"stop_signals: {unknown} are not signals a process can catch")
 
 
 def _choice(name: str, value, choices: tuple) -> None:
