@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import __version__
+from .console import run_command
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpo-fast",
         description="Mixed Preference Optimization with fused, memory-lean log-prob kernels.",
         epilog="Design: docs/DESIGN.md. Environment: MPO_FAST_BACKEND=torch|triton, "
-               "MPO_FAST_WORKSPACE_MB, MPO_FAST_PACKING=torch.")
+               "MPO_FAST_WORKSPACE_MB, MPO_FAST_PACKING=torch. --debug anywhere: the traceback "
+               "of an error.")
     parser.add_argument("--version", action="version", version=f"mpo-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
@@ -164,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`mpo-fast ...`: a user's error ends in one line and exit status 1 (`--debug` anywhere
+    keeps the traceback); a bug keeps its traceback."""
+    return run_command("mpo-fast", _dispatch, argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     passthrough = {c.name: c for c in COMMANDS if c.passthrough}
     if argv and argv[0] in passthrough:

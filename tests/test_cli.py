@@ -138,3 +138,46 @@ def test_bench_suite_runs_on_the_current_api(suite, says, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert says in proc.stdout
     assert any(tmp_path.iterdir())
+
+
+def test_a_users_error_is_one_line_and_exit_status_1(capsys):
+    from mpo_fast.console import run_command
+
+    def bad_value(argv):
+        raise ValueError("lr must be > 0,\n  got -1")
+
+    assert run_command("prog", bad_value, ["--x"]) == 1
+    err = capsys.readouterr().err
+    assert err == "prog: error: lr must be > 0, got -1 (--debug shows the traceback)\n"
+    with pytest.raises(ValueError):  # --debug keeps the traceback
+        run_command("prog", bad_value, ["--debug"])
+
+    def bug(argv):
+        raise AttributeError("'NoneType' object has no attribute 'double'")
+
+    with pytest.raises(AttributeError):  # a bug is never dressed up as a user's error
+        run_command("prog", bug, [])
+
+
+def test_train_reports_a_missing_data_file_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mpo_fast", "train", "--model", "tiny",
+                           "--data", str(tmp_path / "missing.jsonl"), "--output-dir",
+                           str(tmp_path / "run"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpo-fast train: error: "), proc.stderr
+    assert "missing.jsonl" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_train_help_shows_what_the_tiny_preset_sets_and_flags_win():
+    from mpo_fast.train.cli import build_parser
+    from mpo_fast.train.config import PRESETS, resolve
+
+    text = " ".join(build_parser().format_help().split())
+    assert "default: 1; --model tiny: 10" in text  # log_every
+    for field, value in PRESETS["tiny"].items():
+        assert f"{field}={value}" in text
+    assert resolve({"model": "tiny", "log_every": 1, "max_length": 128}).log_every == 1
+    assert resolve({"model": "tiny", "max_length": 128}).max_length == 128
+    assert resolve({"model": "tiny"}).log_every == PRESETS["tiny"]["log_every"]

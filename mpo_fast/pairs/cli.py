@@ -15,6 +15,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..console import run_command
+
 __all__ = ["add_parser", "load_model", "main", "run"]
 
 DESCRIPTION = """Make MMPR preference pairs from a model's own samples, then train on them with
@@ -184,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpo-fast pairs", description=DESCRIPTION,
                                 formatter_class=argparse.RawTextHelpFormatter)
     configure(p)
-    args = p.parse_args(argv)
-    return args.func(args)
+
+    def command(arguments: list[str]) -> int:
+        args = p.parse_args(arguments)
+        return args.func(args)
+
+    return run_command("mpo-fast pairs", command, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 
 Every field of `mpo_fast.train.config.TrainConfig` is a flag (``--field-name``; booleans also
 ``--no-field-name``; lists comma-separated). Order: defaults (the paper's), preset (the tiny
-model's), ``--config`` YAML, flags. With the bundled model and task (the default) the run is the
-demo: it trains, then shows what improved (`mpo_fast.train.demo`).
+model's: `--help` shows what it sets), ``--config`` YAML, flags; a flag given explicitly always
+wins. With the bundled model and task (the default) the run is the demo: it trains, then shows
+what improved (`mpo_fast.train.demo`). A user's error (a bad value, a missing file) ends in one
+line and exit status 1; ``--debug`` shows its traceback.
 
 `mpo-fast train ...` (mpo_fast/cli.py) hands its arguments to `main` unchanged.
 """
@@ -20,9 +22,10 @@ import dataclasses
 import functools
 import inspect
 import re
-import sys
+import signal
 
-from .config import TrainConfig, resolve
+from ..console import run_command
+from .config import PRESETS, TrainConfig, resolve
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -32,14 +35,21 @@ DESCRIPTION = ("Train a model with Mixed Preference Optimization (0.8 DPO + 0.2 
 
 
 def build_parser(prog: str = "python -m mpo_fast.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    presets = "; ".join(f"--model {name} sets " + ", ".join(f"{k}={_show(v)}" for k, v in
+                                                          values.items())
+                        for name, values in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION,
+        epilog=f"Presets (below --config and flags; a flag given explicitly wins): {presets}. "
+               "--debug: show the traceback of an error.")
     _add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m mpo_fast.train") -> int:
-    """Parse ``argv`` (default: sys.argv[1:]) and run; returns the exit code."""
-    return run(build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv))
+    """Parse ``argv`` (default: sys.argv[1:]) and run; returns the exit code (1 for a user's
+    error, reported in one line; ``--debug`` keeps its traceback)."""
+    return run_command(prog, lambda a: run(build_parser(prog).parse_args(a)), argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,9 +65,14 @@ def run(args: argparse.Namespace) -> int:
     from .loop import train
 
     result = train(cfg)
+    if result.stopped_by:
+        name = signal.Signals(result.stopped_by).name
+        print(f"stopped by {name} after {result.step} steps; checkpoint {result.checkpoint}; "
+              f"go on with --resume auto --output-dir {result.output_dir}")
+        return 128 + result.stopped_by
     print(f"done: {result.step} steps; metrics in {result.output_dir}/metrics.jsonl; "
           f"checkpoint {result.checkpoint}")
-    return 128 + result.stopped_by if result.stopped_by else 0
+    return 0
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +81,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        note = f"{_notes().get(f.name, '')} (default: {_show(default)})".replace("%", "%%")
+        preset = "".join(f"; --model {name}: {_show(values[f.name])}"
+                         for name, values in PRESETS.items() if f.name in values)
+        note = f"{_notes().get(f.name, '')} (default: {_show(default)}{preset})"
+        note = note.replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
                                 help=note)
