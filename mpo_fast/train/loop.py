@@ -232,7 +232,8 @@ def load_examples(cfg: TrainConfig, say) -> list:
         return tiny.make_task(tiny.TRAIN_PAIRS, seed=cfg.seed + 1)
     from ..data.formats import load_dataset
 
-    examples, report = load_dataset(cfg.data, on_error=cfg.on_bad_data, seed=cfg.seed)
+    examples, report = load_dataset(cfg.data, on_error=cfg.on_bad_data, seed=cfg.seed,
+                                    allow_outside_root=cfg.allow_outside_root)
     say(f"data: {report.summary()}")
     return examples
 
