@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -277,6 +278,31 @@ def test_running_mean_needs_the_fused_loss(text_setup, tmp_path):
                         args=_config(tmp_path, loss_type=["sigmoid_norm"]),
                         train_dataset=Dataset.from_list(_tiny.pairs(2)), processing_class=tok,
                         bco_delta="running_mean")
+
+
+@pytest.mark.parametrize(("loss_type", "bco_delta", "expected"), [
+    (MPO["loss_type"], "none", ('pass FusedDPOTrainer(..., bco_delta="running_mean")',)),
+    (["bco_pair", "sigmoid_norm"], "none",
+     ('bco_delta="running_mean" gives it, but not with this config', "sigmoid_norm")),
+    (MPO["loss_type"], "running_mean", ()),
+    (["sigmoid", "sft"], "none", ())])
+def test_unshifted_bco_pair_warns_once_per_trainer(text_setup, tmp_path, loss_type, bco_delta,
+                                                   expected):
+    """bco_pair without the paper's reward shift says so, once, when the trainer is built
+    (naming bco_delta="running_mean", or why this config cannot have it); never otherwise."""
+    tok = text_setup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FusedDPOTrainer(model=_tiny.causal_lm(tok), ref_model=_tiny.causal_lm(tok),
+                        args=_config(tmp_path, loss_type=loss_type),
+                        train_dataset=Dataset.from_list(_tiny.pairs(2)), processing_class=tok,
+                        bco_delta=bco_delta)
+    ours = [str(w.message) for w in caught if w.category is fused_trl.UnshiftedBCOWarning]
+    if not expected:
+        assert ours == []
+    else:
+        assert len(ours) == 1 and "without the reward shift" in ours[0]
+        assert all(part in ours[0] for part in expected), ours[0]
 
 
 def test_version_gate(text_setup, tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ Supported: ``trl>=1.15,<2`` (`SUPPORTED_TRL`; tested on 1.16.0, also run on 1.15
 when the trainer is built.
 
 Semantics. By default the results are the installed TRL's: ``bco_pair`` has no reward shift
-(``bco_delta="none"``), and every loss type keeps TRL's definition. ``bco_delta="running_mean"``
+(``bco_delta="none"``; the trainer says so once, an `UnshiftedBCOWarning`), every loss type keeps
+TRL's definition, and "sft" is TRL's token mean. ``bco_delta="running_mean"``
 gives the paper's (TRL <= 0.28, InternVL) running-mean shift, kept in ``self.mpo_loss`` (saved
 with each checkpoint as ``mpo_loss.pt``). Configurations `MPOLoss` does not express — loss types
 "sigmoid_norm", f-divergences other than reverse KL, ``ld_alpha``, WPO weighting
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 
 import torch
 import trl
@@ -74,7 +76,8 @@ from ._head import (
     save_loss_state,
 )
 
-__all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "check_trl_version", "fused_loss_blocker"]
+__all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "UnshiftedBCOWarning", "check_trl_version",
+           "fused_loss_blocker"]
 
 SUPPORTED_TRL = ">=1.15,<2"
 _MIN, _MAX = Version("1.15"), Version("2")
@@ -85,6 +88,25 @@ _TRL_TO_MPO = {"aot_unpaired": "aot_pair"}  # TRL's names where ours differ
 _PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected", "bco/delta")
 BCO_DELTAS = ("none", "running_mean")
+
+
+class UnshiftedBCOWarning(UserWarning):
+    """``bco_pair`` runs with delta = 0 (TRL's semantics), not the MPO paper's reward shift."""
+
+
+def warn_unshifted_bco(loss_types, bco_delta: str, blocker: str | None) -> None:
+    """Warn (an `UnshiftedBCOWarning`) when TRL's ``bco_pair`` runs without the shift: the MPO
+    paper subtracts the running mean of past rewards, and a user copying its recipe into a
+    `DPOConfig` would silently train another loss. Called once per trainer, when it is built."""
+    types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    if "bco_pair" not in types or bco_delta != "none":
+        return
+    how = ('pass FusedDPOTrainer(..., bco_delta="running_mean") to get it' if blocker is None
+           else f'bco_delta="running_mean" gives it, but not with this config ({blocker})')
+    warnings.warn(
+        "FusedDPOTrainer: loss_type 'bco_pair' runs without the reward shift (delta = 0, the "
+        "installed TRL's bco_pair); the MPO paper's BCO term subtracts the running mean of "
+        f"past rewards: {how}", UnshiftedBCOWarning, stacklevel=3)
 
 
 def check_trl_version(version: str | None = None) -> str:
@@ -149,7 +171,8 @@ class FusedDPOTrainer(DPOTrainer):
     Args:
         *args, **kwargs: exactly `trl.DPOTrainer`'s (model, ref_model, args=DPOConfig(...),
             data_collator, train_dataset, eval_dataset, processing_class, ...).
-        bco_delta: "none" (default: the installed TRL's bco_pair, no reward shift) or
+        bco_delta: "none" (default: the installed TRL's bco_pair, no reward shift; with
+            "bco_pair" in the loss types the trainer warns once, an `UnshiftedBCOWarning`) or
             "running_mean" (the MPO paper's shift; needs a loss MPOLoss can express).
         head_metrics: log TRL's ``entropy``, ``logits/chosen``, ``logits/rejected`` and
             ``mean_token_accuracy`` (default). They need one extra no-grad pass over the
@@ -178,6 +201,7 @@ class FusedDPOTrainer(DPOTrainer):
                              f"{blocker}")
         self._fused_blocker = blocker
         self._bco_delta, self._head_metrics = bco_delta, head_metrics
+        warn_unshifted_bco(config.loss_type, bco_delta, blocker)
         pack = bool(getattr(config, "padding_free", False))
         vision = dataset is not None and _is_vision(dataset)
         vision_precompute = vision and config.precompute_ref_log_probs
