@@ -8,6 +8,7 @@ benchmarks must write outside tracked files unless told otherwise.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -181,3 +182,19 @@ def test_train_help_shows_what_the_tiny_preset_sets_and_flags_win():
     assert resolve({"model": "tiny", "log_every": 1, "max_length": 128}).log_every == 1
     assert resolve({"model": "tiny", "max_length": 128}).max_length == 128
     assert resolve({"model": "tiny"}).log_every == PRESETS["tiny"]["log_every"]
+
+
+def test_train_without_a_bar_prints_one_line_per_record(tmp_path):
+    rows = [{"prompt": "largest of 3 9 4", "chosen": "9", "rejected": "3"},
+            {"prompt": "smallest of 12 5 40", "chosen": "5", "rejected": "40"}]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    proc = subprocess.run([sys.executable, "-m", "mpo_fast", "train", "--model", "tiny",
+                           "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                           "--max-steps", "4", "--log-every", "2", "--pairs-per-step", "4",
+                           "--loss-types", "sft", "--loss-weights", "1", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sft step ")]
+    assert [line.split(":")[0] for line in lines] == ["sft step 2/4", "sft step 4/4"], proc.stdout
+    assert "loss " in lines[0] and proc.stdout.rstrip().splitlines()[-1].startswith("done: 4")

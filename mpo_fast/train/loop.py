@@ -169,6 +169,8 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
                 if bar is not None:
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in (
                         "loss", "rewards/accuracies", "tokens_per_s") if k in record})
+                elif ctx.main:  # no bar (--no-progress, a log file): one line per record
+                    print(log_line(cfg, record, total), flush=True)
             if bar is not None:
                 bar.update(1)
 
@@ -274,8 +276,22 @@ def progress_bar(cfg: TrainConfig, ctx, total: int, step: int):
     import sys
 
     tty = sys.stderr.isatty()  # in a log file, a line every 15 s instead of every redraw
-    return tqdm(total=total, initial=step, desc="mpo", unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=step, desc=run_name(cfg), unit="step", dynamic_ncols=True,
                 mininterval=0.5 if tty else 15.0)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """"mpo" for the paper's three losses, else the losses trained ("sft" for a warm-up)."""
+    mpo = ("sigmoid", "bco_pair", "sft")
+    return "mpo" if tuple(cfg.loss_types) == mpo else "+".join(cfg.loss_types)
+
+
+def log_line(cfg: TrainConfig, record: dict, total: int) -> str:
+    """One metrics record as a line of text, for runs without a progress bar."""
+    shown = [f"{key} {record[key]:.4g}" for key in (
+        "loss", "rewards/accuracies", "rewards/margins", "nll_loss", "lr", "tokens_per_s")
+        if key in record]
+    return f"{run_name(cfg)} step {record['step']}/{total}: " + ", ".join(shown)
 
 
 def default_output_dir() -> str:
