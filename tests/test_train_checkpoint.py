@@ -80,10 +80,11 @@ def test_sigterm_checkpoints_then_resume_is_exact(straight, tmp_path, monkeypatc
     cfg, given = setup(out)
     first = train(cfg, **given, **quiet)
     monkeypatch.undo()
-    assert first.stopped_by == signal.SIGTERM and first.step == 3  # finished its step, saved
-    assert first.checkpoint.endswith("step-00000003")
+    # the request came after step 2: no further step is trained, step 2's checkpoint stands
+    assert first.stopped_by == signal.SIGTERM and first.step == 2
+    assert first.checkpoint.endswith("step-00000002")
     state = json.load(open(os.path.join(first.checkpoint, "trainer_state.json")))
-    assert state["step"] == 3 and state["pairs_seen"] == 24
+    assert state["step"] == 2 and state["pairs_seen"] == 16
 
     cfg, given = setup(out, resume="auto")  # a fresh process: new model, same init
     second = train(cfg, **given, **quiet)
@@ -103,9 +104,9 @@ def test_sigkill_mid_checkpoint_leaves_the_previous_one_loadable(straight, tmp_p
         from mpo_fast.train.loop import train
 
         write = checkpoint._save_weights
-        def stuck(weights, path):
-            write(weights, path)  # the weights are in; the rest of the folder never will be
-            if "step-00000004" in path:
+        def stuck(weights, f):
+            write(weights, f)  # the weights are in; the rest of the folder never will be
+            if "step-00000004" in f.name:
                 open({marker!r}, "w").close()
                 time.sleep(600)
         checkpoint._save_weights = stuck
@@ -138,8 +139,8 @@ def test_checkpoint_folder_loads_in_transformers(straight, tmp_path):
     ref_result, ref_weights = straight
     path = ref_result.checkpoint
     assert sorted(os.listdir(path)) == sorted([
-        "config.json", "loss.safetensors", "model.safetensors",
-        "optimizer.pt", "rng-rank0.pt", "scheduler.pt", "trainer_state.json"])
+        "config.json", "loss.safetensors", "manifest.json", "model.safetensors",
+        "optimizer.pt", "rng-rank0.safetensors", "scheduler.pt", "trainer_state.json"])
     model = AutoModelForCausalLM.from_pretrained(path)
     got = dict(model.named_parameters())
     for name, w in ref_weights.items():

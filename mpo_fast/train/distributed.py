@@ -9,6 +9,7 @@
     agree(ctx, ...)                the step's micro-batch count (max) and pair / chosen-token
                                    totals (sum) across ranks, and whether any rank was told
                                    to stop (one small all-reduce per step)
+    any_true(ctx, flag)            a stop request between micro-batches, agreed by all ranks
 
 Every rank runs the same number of micro-batches per step: `MPOLoss` all-reduces the BCO mean
 inside each call, so the calls must pair up across ranks.
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Context", "agree", "all_sum", "barrier", "broadcast", "setup", "sync_grads", "teardown",
+__all__ = ["Context", "agree", "all_sum", "any_true", "barrier", "broadcast", "setup", "sync_grads", "teardown",
            "unwrap", "wrap"]
 
 
@@ -136,6 +137,16 @@ def agree(ctx: Context, micro_batches: int, pairs: int, chosen_tokens: int,
     dist.all_gather(every, mine)
     g = torch.stack(every).cpu()
     return int(g[:, 0].max()), int(g[:, 1].sum()), int(g[:, 2].sum()), bool(g[:, 3].max())
+
+
+def any_true(ctx: Context, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (one tiny all-reduce; none for one process): a stop
+    request is honoured at the same micro-batch on every rank."""
+    if ctx.mode == "none":
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_sum(values: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +34,7 @@ from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..mpo import MPOLoss
 from . import checkpoint, distributed, reference
-from .config import TrainConfig
+from .config import TrainConfig, identity_changes
 from .model import (
     MPOModel,
     backbone,
@@ -43,7 +45,7 @@ from .model import (
     set_attention,
 )
 
-__all__ = ["Result", "train"]
+__all__ = ["NonFiniteError", "Result", "train"]
 
 
 @dataclass
@@ -55,15 +57,27 @@ class Result:
     stopped_by: int | None = None  # the signal that ended the run early, if any
     model: torch.nn.Module | None = None  # the trained Hugging Face model (unwrapped)
     loss_fn: MPOLoss | None = None
+    skipped_nonfinite: int = 0  # steps not applied: non-finite loss or gradient
+    skipped_empty: int = 0  # steps not applied: every pair of the step was bad data
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examples=None,
           log=print) -> Result:
-    """Train ``cfg.model`` on ``cfg.data`` (or the given model / tokenizer / examples)."""
-    # ------------------------------------------------------------- processes and output
+    """Train ``cfg.model`` on ``cfg.data`` (or the given model / tokenizer / examples), holding
+    the output folder's lock throughout (one run writes a folder at a time)."""
     ctx = distributed.setup(cfg.distributed)
     say = log if ctx.main else (lambda *a, **k: None)
     out_dir = distributed.broadcast(cfg.output_dir or default_output_dir(), ctx)
+    lock = lock_output(out_dir, ctx, say)
+    try:
+        return _train(cfg, ctx, say, out_dir, model, tokenizer, processor, examples)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor,
+           examples) -> Result:
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     amp = torch.bfloat16 if cfg.dtype == "bf16" or (
         cfg.dtype == "auto" and ctx.device.type == "cuda") else None
@@ -100,25 +114,35 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
 
     # ------------------------------------------------------------- resume
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    step, result = 0, Result(output_dir=out_dir, model=model, loss_fn=loss_fn)
-    start = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume or None
+    result = Result(output_dir=out_dir, model=model, loss_fn=loss_fn)
     if not cfg.resume and checkpoint.latest(ckpt_dir):
         raise ValueError(f"{out_dir} already has checkpoints: resume with --resume auto, or "
                          "train into a new --output-dir")
-    if start:
-        step = checkpoint.load(start, policy=distributed.unwrap(policy), optimizer=optimizer,
-                               scheduler=scheduler, ctx=ctx)["step"]
-        say(f"resumed from {start} at step {step}")
+    state = resume(cfg, ckpt_dir, distributed.unwrap(policy), optimizer, scheduler, ctx, say)
+    step = saved = state.get("step", 0)
+    result.checkpoint = state.get("path")
+    skipped = {"nonfinite": state.get("skipped_nonfinite", 0),
+               "empty": state.get("skipped_empty", 0)}
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if ctx.main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if ctx.main else None
+        write_run_record(cfg, out_dir, state.get("path"))
+        trim_metrics(metrics_path, step)
+    metrics_file = open(metrics_path, "a") if ctx.main else None
     bad: set[int] = set()
     bar = progress_bar(cfg, ctx, total, step)
 
+    def save_checkpoint() -> str:
+        return checkpoint.save(
+            ckpt_dir, step, policy=distributed.unwrap(policy), optimizer=optimizer,
+            scheduler=scheduler, ctx=ctx, config=getattr(model, "config", None),
+            keep=cfg.keep_checkpoints,
+            state={"pairs_seen": step * cfg.pairs_per_step, "bad_pairs": len(bad),
+                   "skipped_nonfinite": skipped["nonfinite"],
+                   "skipped_empty": skipped["empty"], "config": cfg.to_dict()})
+
     # ------------------------------------------------------------- the loop
-    with checkpoint.StopSignal() as stop:
+    nonfinite_in_a_row = 0
+    with checkpoint.StopSignal(cfg.stop_signals) as stop:
         while step < total:
             t0 = time.perf_counter()
             ids = step_pairs(step, len(examples), cfg.pairs_per_step, cfg.seed, ctx.rank,
@@ -129,9 +153,17 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
             chosen = sum(len(p.chosen) - (0 if p.prompt else 1) for p in pairs)
             count, n_pairs, n_chosen, stopping = distributed.agree(
                 ctx, len(groups), len(pairs), chosen, stop.requested)
+            if stopping:
+                break
+            # what a step that does not count must leave as it was: the BCO running mean
+            # (updated inside every forward) and, for a stop mid-step, the RNG streams
+            before = loss_fn.bco_state.clone(), checkpoint.rng_state()
             groups = micro_batches(pairs, cfg.max_tokens, count=count)
-            sums, tokens, processed = None, 0, 0
+            sums, tokens, processed, names = None, 0, 0, []
             for k, group in enumerate(groups):
+                if k and distributed.any_true(ctx, stop.requested):
+                    stopping = True  # honoured now, not after the rest of the step
+                    break
                 batch = collate([pairs[i] for i in group], pad_id=tokenize.pad_id,
                                 packed=cfg.packing).to(ctx.device)
                 ref_logps = ref.logps(batch) if ref is not None else None
@@ -142,26 +174,48 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
                 frac = batch.num_pairs / n_pairs
                 row = torch.stack([J.detach(), *(frac * v.float() for v in out.metrics.values())])
                 sums = row if sums is None else sums + row
+                names = list(out.metrics)
                 tokens += batch.num_tokens
                 processed += batch.num_tokens if batch.packed else batch.padded_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if stopping:  # the partial step is dropped: resume redoes it from its start
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn.bco_state.copy_(before[0])
+                checkpoint.set_rng_state(before[1])
+                break
+            totals, grad_norm = None, math.nan
+            if n_pairs:
+                totals = distributed.all_sum(torch.cat([sums.double().cpu(), torch.tensor(
+                    [tokens, processed], dtype=torch.float64)]).to(ctx.device), ctx).tolist()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm or math.inf))
+            skip = step_fault(n_pairs, totals, grad_norm, loss_fn)
+            if skip is None:
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:  # no update; the data and the schedule move on
+                skipped[skip] += 1
+                loss_fn.bco_state.copy_(before[0])
+                nonfinite_in_a_row += skip == "nonfinite"
+                say(f"\nstep {step + 1}: " + ("every pair of it is bad data" if skip == "empty"
+                    else f"non-finite loss {totals[0]} or gradient norm {grad_norm}")
+                    + "; skipped (no update)")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
             # --------------------------------------------------------- log
-            if step % cfg.log_every == 0 or step == total or stopping:
-                totals = distributed.all_sum(torch.cat([sums.double().cpu(), torch.tensor(
-                    [tokens, processed], dtype=torch.float64)]).to(ctx.device), ctx).tolist()
+            if skip or step % cfg.log_every == 0 or step == total:
                 dt = time.perf_counter() - t0
-                record = {"step": step, "loss": totals[0],
-                          **dict(zip(out.metrics, totals[1:-2], strict=True)),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_s": totals[-2] / dt,
-                          "padding_fraction": 1 - totals[-2] / max(totals[-1], 1),
-                          "peak_mem_mib": peak_memory_mib(ctx.device), "pairs": n_pairs,
-                          "micro_batches": count, "step_time_s": dt}
+                record = {"step": step, "skipped": skip} if skip else {
+                    "step": step, "loss": totals[0],
+                    **dict(zip(names, totals[1:-2], strict=True)),
+                    "grad_norm": grad_norm, "tokens_per_s": totals[-2] / dt,
+                    "padding_fraction": 1 - totals[-2] / max(totals[-1], 1),
+                    "peak_mem_mib": peak_memory_mib(ctx.device)}
+                record.update({"lr": scheduler.get_last_lr()[0], "pairs": n_pairs,
+                               "micro_batches": count, "step_time_s": dt,
+                               "skipped_nonfinite": skipped["nonfinite"],
+                               "skipped_empty": skipped["empty"]})
                 result.history.append(record)
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -173,28 +227,149 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, processor=None, examp
                     print(log_line(cfg, record, total), flush=True)
             if bar is not None:
                 bar.update(1)
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{nonfinite_in_a_row} optimizer steps in a row (up to step {step}) had a "
+                    "non-finite loss or gradient; stopping. None of them changed the weights; "
+                    f"the last checkpoint is {result.checkpoint or 'none yet'}. Lower the lr, "
+                    "check the data, or raise --max-nonfinite-steps")
 
             # --------------------------------------------------------- checkpoint
-            if stopping or step == total or (cfg.save_every and step % cfg.save_every == 0):
-                result.checkpoint = checkpoint.save(
-                    ckpt_dir, step, policy=distributed.unwrap(policy), optimizer=optimizer,
-                    scheduler=scheduler, ctx=ctx, config=getattr(model, "config", None),
-                    keep=cfg.keep_checkpoints,
-                    state={"pairs_seen": step * cfg.pairs_per_step, "bad_pairs": len(bad),
-                           "config": cfg.to_dict()})
-            if stopping:
-                result.stopped_by = stop.signum or -1
-                say(f"\nstopped by a signal at step {step}; checkpoint {result.checkpoint}")
-                break
+            if step == total or (cfg.save_every and step % cfg.save_every == 0):
+                result.checkpoint, saved = save_checkpoint(), step
+    if stopping:
+        if saved != step or result.checkpoint is None:
+            result.checkpoint = save_checkpoint()
+        result.stopped_by = stop.signum or -1
+        say(f"\nstopped by a signal at step {step}; checkpoint {result.checkpoint}")
     if bar is not None:
         bar.close()
     if metrics_file:
         metrics_file.close()
     if bad:
         say(f"skipped {len(bad)} bad pairs while training")
+    if skipped["nonfinite"] or skipped["empty"]:
+        say(f"skipped {skipped['nonfinite']} steps with a non-finite loss or gradient and "
+            f"{skipped['empty']} steps without a usable pair (no update in either)")
     result.step = step
+    result.skipped_nonfinite, result.skipped_empty = skipped["nonfinite"], skipped["empty"]
     distributed.teardown(ctx)
     return result
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row with a non-finite loss or gradient."""
+
+
+def step_fault(n_pairs: int, totals, grad_norm: float, loss_fn: MPOLoss) -> str | None:
+    """Why this step must not update anything: "empty" (no usable pair), "nonfinite" (loss,
+    gradient norm or BCO state not finite), or None. The same answer on every rank: the
+    totals are all-reduced and the gradients synchronized."""
+    if not n_pairs:
+        return "empty"
+    if not (math.isfinite(totals[0]) and math.isfinite(grad_norm)
+            and bool(torch.isfinite(loss_fn.bco_state).all())):
+        return "nonfinite"
+    return None
+
+
+def lock_output(out_dir: str, ctx, say):
+    """Rank 0 takes ``out_dir``'s run lock; every rank raises if another run holds it."""
+    lock, refusal = None, None
+    if ctx.main:
+        try:
+            lock = checkpoint.RunLock(out_dir, say).acquire()
+        except RuntimeError as err:
+            refusal = str(err)
+    refusal = distributed.broadcast(refusal, ctx)
+    if refusal:
+        raise RuntimeError(refusal)
+    return lock
+
+
+def resume(cfg: TrainConfig, ckpt_dir: str, policy, optimizer, scheduler, ctx, say) -> dict:
+    """Load the checkpoint ``cfg.resume`` names ("auto": the newest intact one in ``ckpt_dir``;
+    one that fails its manifest or holds anything but tensors is set aside as
+    ``corrupt-step-<n>``, saying why) after checking it comes from a run with this
+    configuration. Returns its trainer state plus ``path``, or {} for a fresh start."""
+    if not cfg.resume:
+        return {}
+    paths = checkpoint.candidates(ckpt_dir) if cfg.resume == "auto" else [cfg.resume]
+    for path in paths:
+        try:
+            check_identity(cfg, checkpoint.read_state(path), path, say)
+            state = checkpoint.load(path, policy=policy, optimizer=optimizer,
+                                    scheduler=scheduler, ctx=ctx)
+        except checkpoint.CheckpointError as err:
+            if cfg.resume != "auto":
+                raise
+            distributed.barrier(ctx)
+            if ctx.main:
+                say(f"not resuming from {path}: {err}; set aside as "
+                    f"{checkpoint.set_aside(path, 'corrupt')}")
+            distributed.barrier(ctx)
+            continue
+        if path != paths[0]:
+            say(f"resuming from {path}, the newest intact checkpoint")
+        newer = [c for c in checkpoint.candidates(ckpt_dir)
+                 if os.path.basename(c) > f"{checkpoint.PREFIX}{state['step']:08d}"]
+        if ctx.main:  # from a later point of the run than this one: kept, out of the way
+            for c in newer:
+                say(f"{c} is past the resumed step: set aside as "
+                    f"{checkpoint.set_aside(c, 'superseded')}")
+        distributed.barrier(ctx)
+        say(f"resumed from {path} at step {state['step']}")
+        return {**state, "path": path}
+    if paths:
+        raise checkpoint.CheckpointError(f"no intact checkpoint left in {ckpt_dir} (see above)")
+    return {}
+
+
+def check_identity(cfg: TrainConfig, state: dict, path: str, say) -> None:
+    """Refuse (ValueError) a checkpoint whose run had other data, model, seed, loss or
+    optimizer settings, unless ``cfg.resume_force``."""
+    changes = identity_changes(state.get("config", {}), cfg.to_dict())
+    if not changes:
+        return
+    listing = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changes.items())
+    if cfg.resume_force:
+        say(f"warning: --resume-force: continuing {path} with other settings ({listing})")
+        return
+    raise ValueError(f"{path} was written by a run with other settings ({listing}): resume "
+                     "with the same settings, train into a new --output-dir, or pass "
+                     "--resume-force to continue it anyway")
+
+
+def write_run_record(cfg: TrainConfig, out_dir: str, resumed_from: str | None) -> None:
+    """``config.json`` (the settings) and ``run.json`` (who runs it: pid, host, start, the
+    command, the checkpoint it resumed from) in the output folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    run = {"pid": os.getpid(), "host": socket.gethostname(),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
+           "resumed_from": resumed_from, "config": cfg.to_dict()}
+    with open(os.path.join(out_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=1)
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Keep only the records of steps up to ``step`` (where training starts): a resumed run
+    writes the later ones again, so no step is ever recorded twice. A line cut by a kill is
+    dropped."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def objective(out, batch, step_pairs_total: int, step_chosen_total: int, loss_fn: MPOLoss):
