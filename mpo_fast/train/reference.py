@@ -6,7 +6,10 @@ rejected [B])`` (fp32 sums of completion-token log-probs, no grad), passed to `M
                      forward each micro-batch (images encoded once per pair, as the policy)
     CachedReference  the same numbers computed once for the whole dataset, before training, and
                      kept on disk keyed by a fingerprint of the data and the model (so a second
-                     run, or a resume, reads them); no reference model in memory while training
+                     run, or a resume, reads them); no reference model in memory while training.
+                     The file holds its fingerprint and a checksum of its table: one that does
+                     not match (overwritten, edited, copied from another run, unreadable) is
+                     recomputed, with a warning, never trusted
     AdapterDisabled  a PEFT/LoRA policy with its adapters switched off (needs `peft`)
 
 All three go through `sequence_logps`: the backbone's hidden states and `fused_logprobs` —
@@ -20,6 +23,8 @@ import copy
 import hashlib
 import json
 import os
+import pickle
+import warnings
 
 import torch
 from torch import nn
@@ -49,8 +54,10 @@ def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, 
             raise ValueError("reference='adapter' is not supported with FSDP; use 'copy' or "
                              "'cached'")
         return AdapterDisabled(model, autocast, amp_dtype)
+    config = getattr(model, "config", None)
     key = fingerprint(model, data_key(examples, tokenize),
-                      {"amp": str(amp_dtype), "loss_head": "fused"})
+                      {"amp": str(amp_dtype), "loss_head": "fused", "packed": cfg.packing,
+                       "model_config": config.to_dict() if config is not None else None})
 
     def pair(i):
         try:
@@ -137,7 +144,9 @@ class CachedReference:
         fn, P = tokenized
         path = os.path.join(cache_dir, f"ref_logps-{key}.pt")
         if os.path.exists(path):
-            return cls(torch.load(path, map_location="cpu", weights_only=True), path)
+            table = _read_cache(path, key, P)
+            if table is not None:
+                return cls(table, path)
         table = torch.zeros(P, 2, dtype=torch.float64, device=ctx.device)
         mine = [p for p in (fn(i) for i in range(ctx.rank, P, ctx.world)) if p is not None]
         was_training = model.training
@@ -155,10 +164,43 @@ class CachedReference:
         if ctx.main:
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
-            torch.save(table, tmp)
+            torch.save({"table": table, "key": key, "pairs": P, "sha256": _checksum(table)}, tmp)
             os.replace(tmp, path)
         barrier(ctx)
         return cls(table, path)
+
+
+def _read_cache(path: str, key: str, pairs: int) -> torch.Tensor | None:
+    """The table of a cache file, or None (with a warning saying why) when the file is not
+    exactly what this run would have written: its recorded fingerprint must be ``key``, its
+    table [pairs, 2] fp32 with the recorded checksum. Tensors only (weights_only=True)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused it: never retried without
+        return _stale(path, "it holds objects other than tensors (refused unread)")
+    except Exception as exc:  # truncated, not a torch file
+        first = (str(exc).splitlines() or [""])[0]
+        return _stale(path, f"cannot be read ({type(exc).__name__}: {first})")
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return _stale(path, "it records another fingerprint (written for another model, data "
+                      "or settings, or by an older version)")
+    table = saved.get("table")
+    if not (isinstance(table, torch.Tensor) and table.dtype == torch.float32
+            and tuple(table.shape) == (pairs, 2)):
+        return _stale(path, f"its table is not [{pairs}, 2] float32")
+    if saved.get("sha256") != _checksum(table):
+        return _stale(path, "its table does not match its checksum (modified after it was "
+                      "written)")
+    return table
+
+
+def _stale(path: str, why: str) -> None:
+    warnings.warn(f"reference cache {path} is not used: {why}; recomputing it", stacklevel=3)
+    return None
+
+
+def _checksum(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.contiguous().numpy().tobytes()).hexdigest()
 
 
 def fingerprint(model: nn.Module, data_key: str, extra: dict) -> str:
@@ -184,6 +226,15 @@ def data_key(examples, tokenize) -> str:
     for ex in examples:
         h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected], default=str).encode())
         for image in ex.images:
-            st = os.stat(image) if isinstance(image, str) else None
-            h.update(f"{image}{st and (st.st_size, st.st_mtime_ns)}".encode())
+            h.update(f"{image}{_file_stamp(image)}".encode())
     return h.hexdigest()
+
+
+def _file_stamp(image) -> tuple | None:
+    """(size, mtime) of an image file; None for an in-memory image or a file gone missing
+    (tokenizing the pair then reports it as bad data)."""
+    try:
+        st = os.stat(image) if isinstance(image, str) else None
+    except OSError:
+        return None
+    return st and (st.st_size, st.st_mtime_ns)
