@@ -318,6 +318,27 @@ def test_version_gate(text_setup, tmp_path, monkeypatch):
                         processing_class=text_setup)
 
 
+def test_a_patched_dpo_init_without_its_signature_still_builds(text_setup, tmp_path,
+                                                              monkeypatch):
+    """A third-party patch may hide DPOTrainer.__init__ behind (*args, **kwargs) without
+    functools.wraps: the arguments, positional ones included, still reach TRL by name."""
+    original, seen = DPOTrainer.__init__, []
+
+    def patched(self, *args, **kwargs):  # no functools.wraps: the signature is gone
+        seen.append((len(args), sorted(kwargs)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "__init__", patched)
+    model = _tiny.causal_lm(text_setup)
+    trainer = FusedDPOTrainer(model, copy.deepcopy(model), _config(tmp_path),
+                              train_dataset=Dataset.from_list(_tiny.pairs(2)),
+                              processing_class=text_setup)
+    assert trainer.args.output_dir == _config(tmp_path).output_dir and trainer.model is model
+    assert seen == [(0, ["args", "model", "processing_class", "ref_model", "train_dataset"])]
+    with pytest.raises(TypeError, match="multiple values for"):
+        FusedDPOTrainer(model, args=_config(tmp_path), model=model)
+
+
 # --------------------------------------------------------------------------- vision
 
 

@@ -164,6 +164,28 @@ def _mpo_fast_head(options: dict, drop_statistics: bool):
         module.add_fused_lm_head = original
 
 
+# DPOTrainer.__init__'s positional parameters (TRL 1.15-1.16), for when a third-party patch hid
+# its signature behind a bare (*args, **kwargs) wrapper without functools.wraps
+_DPO_POSITIONAL = ("model", "ref_model", "args", "data_collator", "train_dataset",
+                   "eval_dataset", "processing_class", "compute_metrics", "callbacks",
+                   "optimizers", "quantization_config", "peft_config")
+
+
+def _dpo_arguments(args: tuple, kwargs: dict) -> dict:
+    """DPOTrainer.__init__'s arguments by name: from its signature where it can be read
+    (inspect follows functools.wraps), else from TRL's positional order."""
+    params = inspect.signature(DPOTrainer.__init__).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = names[1:] if "model" in names else list(_DPO_POSITIONAL)
+    if len(args) > len(names):
+        raise TypeError(f"DPOTrainer takes at most {len(names)} positional arguments, "
+                        f"got {len(args)}")
+    doubled = sorted(set(names[:len(args)]) & set(kwargs))
+    if doubled:
+        raise TypeError(f"DPOTrainer got multiple values for {doubled}")
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
 class FusedDPOTrainer(DPOTrainer):
     """A drop-in `trl.DPOTrainer` whose log-probs and loss come from mpo-fast's fused kernels,
     computed inside the model's forward (see the module docstring).
@@ -188,13 +210,12 @@ class FusedDPOTrainer(DPOTrainer):
         _refuse_zero3()
         if bco_delta not in BCO_DELTAS:
             raise ValueError(f"bco_delta must be one of {BCO_DELTAS}, got {bco_delta!r}")
-        bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
-        config, dataset = bound.arguments.get("args"), bound.arguments.get("train_dataset")
+        given = _dpo_arguments(args, kwargs)  # passed on by name below
+        config, dataset = given.get("args"), given.get("train_dataset")
         if config is None:  # TRL's default config, made here since we read it first
-            model = bound.arguments["model"]
+            model = given["model"]
             name = model if isinstance(model, str) else get_config_model_id(model.config)
-            config = bound.arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
-            args, kwargs = bound.args[1:], bound.kwargs
+            config = given["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         blocker = fused_loss_blocker(config)
         if bco_delta == "running_mean" and blocker is not None:
             raise ValueError(f"bco_delta='running_mean' needs MPOLoss to compute the loss, but "
@@ -213,7 +234,7 @@ class FusedDPOTrainer(DPOTrainer):
             config.precompute_ref_log_probs = False
         try:
             with _mpo_fast_head(options, drop_statistics=not head_metrics and blocker is None):
-                super().__init__(*args, **kwargs)
+                super().__init__(**given)
         finally:
             for name, value in saved.items():
                 setattr(config, name, value)
