@@ -1,10 +1,14 @@
 """Pair rules of the correctness pipeline on fixed samples: grading, the entailment (substring)
-skip, the per-question cap, format negatives."""
+skip, the per-question cap, format negatives; empty responses never paired (both pipelines, down
+to the trainer's loader); DropoutNTP's prefix rules; the generation length default."""
 
+import json
 import random
 
 import pytest
 
+from mpo_fast.data.formats import load_dataset
+from mpo_fast.pairs import cli as pairs_cli
 from mpo_fast.pairs.correctness import (
     COT_INSTRUCTION,
     CorrectnessConfig,
@@ -12,8 +16,14 @@ from mpo_fast.pairs.correctness import (
     build_pairs,
     cot_question,
     entailed,
+    is_blank,
     judge,
+    run_correctness,
 )
+from mpo_fast.pairs.dropout_ntp import run_dropout_ntp, truncate_words
+from mpo_fast.pairs.generate import MAX_NEW_TOKENS, SamplingConfig
+
+BLANKS = ("", " ", "\n\n", "\t \n ", "\u3000")  # \u3000: the ideographic space
 
 
 def cot(answer: str, why: str = "Counting the dots one by one.") -> str:
@@ -112,3 +122,96 @@ def test_config_checks():
     with pytest.raises(ValueError, match="question"):
         CorrectnessConfig(instruction="no slot")
     assert Judged("r", None, False).answer is None
+
+
+# --------------------------------------------------------------------------- empty responses
+
+
+def test_blank_responses_are_never_paired():
+    rng = random.Random()
+    blanks = [rng.choice(BLANKS) for _ in range(rng.randint(1, 4))]
+    responses = [cot("6", "Two rows of three."), cot("8", "Miscounted."), "Six, surely.",
+                 *blanks]
+    rng.shuffle(responses)
+    ps = build_pairs(judge(responses, "6"), max_pairs=15)
+    assert [(c.answer, r.answer) for c, r in ps.pairs] == [("6", "8")]
+    assert [r.response for _, r in ps.format_pairs] == ["Six, surely."]  # not the blanks
+    assert ps.stats["empty"] == len(blanks)
+    assert ps.stats["format_failures"] == 1 + len(blanks)  # still counted as failures
+    assert all(is_blank(b) for b in BLANKS) and not is_blank(" x ")
+
+
+def test_blank_only_negatives_make_no_pairs():
+    ps = build_pairs(judge([cot("6"), "", "   "], "6"), max_pairs=15)
+    assert ps.pairs == [] and ps.format_pairs == []
+    assert ps.stats["empty"] == 2 and ps.stats["all_correct"] == 0
+
+
+class ScriptedGenerator:
+    """Returns the scripted responses in turn (cycling): no model, no images."""
+
+    def __init__(self, responses, batch_size=64):
+        self.responses, self.batch_size, self.progress, self.n = list(responses), batch_size, \
+            False, 0
+
+    def __call__(self, prompts, desc=""):
+        out = [self.responses[(self.n + i) % len(self.responses)] for i in range(len(prompts))]
+        self.n += len(prompts)
+        return out
+
+
+def test_correctness_run_writes_no_blank_answer_and_the_loader_takes_every_pair(tmp_path):
+    """Blank samples among right, wrong and unparseable ones: the written pairs and format
+    pairs all load through the trainer's loader with on_error="raise"."""
+    items = [{"id": f"q{i}", "question": f"How many? #{i}", "answer": "6"} for i in range(3)]
+    gen = ScriptedGenerator([cot("6", "Rows of three."), "", cot("9", "Miscounted."), "  \n",
+                             "Six.", "\t", cot("6", "Pairs of two.")])
+    summary = run_correctness(items, gen, tmp_path, "q", config=CorrectnessConfig(num_samples=7),
+                              log=lambda s: None)
+    assert summary["empty"] == 3 * 3 and summary["pairs"] > 0 and summary["format_pairs"] > 0
+    records = [json.loads(line) for name in ("q.jsonl", "q_format.jsonl")
+               for line in (tmp_path / name).read_text().splitlines()]
+    assert len(records) == summary["pairs"] + summary["format_pairs"]
+    assert all(r["chosen"].strip() and r["rejected"].strip() for r in records)
+    examples, _ = load_dataset(str(tmp_path / "meta.json"), on_error="raise")
+    assert len(examples) == len(records)
+
+
+def test_dropout_ntp_skips_blank_chosen_and_never_writes_a_blank_rejected(tmp_path):
+    items = [{"id": "a", "question": "Describe.", "chosen": ""},
+             {"id": "b", "question": "Describe.", "chosen": " \n "},
+             {"id": "c", "question": "Describe.", "chosen": "one"},  # 1 word: too short
+             {"id": "d", "question": "Describe.", "chosen": "a red ball on a table"},
+             {"id": "e", "question": "Describe.", "chosen": "two blue cups  "}]
+    # continuations: "" for d (the prefix "a red ball" alone is the rejected answer); e's
+    # prefix "two" continued by its own rest plus whitespace: identical up to it, skipped
+    gen = ScriptedGenerator(["", " blue cups \n"])
+    summary = run_dropout_ntp(items, gen, tmp_path, "d", log=lambda s: None)
+    assert (summary["empty"], summary["too_short"], summary["identical"], summary["pairs"]) == \
+        (2, 1, 1, 1)
+    (record,) = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert record["id"] == "d" and record["rejected"] == "a red ball"
+    assert record["chosen"].startswith(record["rejected"])  # differs only after the prefix
+
+
+def test_prefix_is_the_first_floor_ratio_words_with_their_whitespace():
+    text = "  one\ttwo  three\nfour five "
+    assert truncate_words(text, 0.5) == "  one\ttwo"  # floor(5 * 0.5) = 2 words
+    assert truncate_words(text, 0.75) == "  one\ttwo  three"  # floor(3.75) = 3
+    assert truncate_words("one", 0.5) is None and truncate_words("   ", 0.5) is None
+    assert truncate_words("one two", 0.5) == "one"  # 2 = 1 / ratio words: the shortest kept
+
+
+# --------------------------------------------------------------------------- generation length
+
+
+def test_generation_length_defaults_to_the_authors_2048():
+    assert MAX_NEW_TOKENS == 2048 and SamplingConfig().max_new_tokens == 2048
+    parser = pairs_cli.argparse.ArgumentParser()
+    pairs_cli.configure(parser)
+    base = ["--model", "m", "--data", "d.jsonl", "--out", "o"]
+    for command in ("correctness", "dropout-ntp"):
+        assert parser.parse_args([command, *base]).max_new_tokens == 2048
+        args = parser.parse_args([command, *base, "--max-new-tokens", "4096"])
+        assert args.max_new_tokens == 4096
+    assert "2048" in parser._subparsers._group_actions[0].choices["correctness"].format_help()

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..console import run_command
+from .generate import MAX_NEW_TOKENS
 
 __all__ = ["add_parser", "load_model", "main", "run"]
 
@@ -54,7 +55,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="CoT instruction template containing {question} (default: built in)")
     c.add_argument("--rel-tol", type=float, default=1e-6,
                    help="relative tolerance of numeric answers (1e-6; 0.05 = ChartQA relaxed)")
-    c.set_defaults(func=run, max_new_tokens_default=1024)
+    c.set_defaults(func=run)
 
     d = sub.add_parser("dropout-ntp", help="DropoutNTP pairs for questions without answers",
                        description="chosen = the model's response (the item's 'chosen' field or "
@@ -63,7 +64,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     _common(d)
     d.add_argument("--ratio", type=float, default=0.5,
                    help="fraction of the chosen response's words kept as the prefix (0.5)")
-    d.set_defaults(func=run, max_new_tokens_default=1024)
+    d.set_defaults(func=run)
 
     m = sub.add_parser("demo", help="the miniature: SFT a tiny VLM on a synthetic counting "
                        "task, make correctness pairs from its samples, MPO, accuracy before/after")
@@ -94,7 +95,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="sample among the k most likely tokens (50; 0 = no limit)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling threshold (1.0 = no limit)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="(1024)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help=f"longest response, in tokens ({MAX_NEW_TOKENS}, the authors')")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda:0...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or Path(args.data).stem
     model, processor = load_model(args.model, args.device, args.dtype)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens or args.max_new_tokens_default)
+                              max_new_tokens=args.max_new_tokens)
     gen = Generator(model, processor, batch_size=args.batch_size, sampling=sampling,
                     progress=not args.no_progress)
     if args.pairs_command == "correctness":

@@ -1,22 +1,29 @@
 """Correctness-based pairs (the MMPR pipeline for instructions with a ground-truth answer).
 
-For each question: sample K responses (default 32, temperature 0.7, top-k 50) under a
-chain-of-thought instruction that ends in a "Final Answer: ..." line, then
+For each question: sample K responses (default 32, temperature 0.7, top-k 50, up to 2048 new
+tokens: the authors' settings) under a chain-of-thought instruction that ends in a "Final Answer: ..." line, then
 
     response --parse_response--> answer | format failure
     answer --match_answer(ground truth)--> correct | incorrect
-    pairs     = (correct, incorrect) for every combination, minus "entailed" ones, at most M
-                (default 15) drawn at random (seeded by the question id)
+    pairs     = (correct, incorrect) for every combination of distinct responses, minus
+                "entailed" ones, at most M (default 15) drawn uniformly without replacement
+                (seeded by the run's seed and the question id)
     format    = (correct, unparseable), at most M, a separate set (its own jsonl)
+
+Empty and whitespace-only responses are never paired, on either side: they count as format
+failures in the statistics (and as "empty"), but a rejected answer must be a real answer (the
+trainer's loader refuses an empty one).
 
 Entailment skip (the paper's "the correct answer is a substring of the wrong one"): a pair is
 skipped when the chosen response's EXTRACTED answer (the text after "Final Answer:"), lowercased
 with whitespace collapsed, is a substring of the rejected response's extracted answer, e.g.
-chosen "3" vs rejected "13" or "3 or 4", chosen "red" vs rejected "red and blue". It compares
-the extracted answers, not the whole responses (a wrong response's reasoning usually mentions the
-right number somewhere) and not the ground truth (as InternVL's post-processing does). It guards
-against a matcher that calls a verbose correct answer wrong. Format pairs have no extracted answer
-on the rejected side and are never skipped. Identical responses are paired once.
+chosen "3" vs rejected "13" or "3 or 4", chosen "red" vs rejected "red and blue". Like InternVL's
+post-processing it compares the two extracted answers: not the whole responses (a wrong
+response's reasoning usually mentions the right number somewhere), not the ground truth (InternVL
+lowercases but does not collapse whitespace). It guards against a matcher that calls a verbose
+correct answer wrong. Format pairs have no extracted answer on the rejected side and are never
+skipped (InternVL tests the chosen answer against the placeholder "None" there). A response
+sampled twice is one candidate, so a pair is never repeated.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from .generate import Generator, Prompt
 from .io import PairWriter, image_list, load_images, question_with_images
 
 __all__ = ["COT_INSTRUCTION", "DIRECT_INSTRUCTIONS", "CorrectnessConfig", "Judged", "PairSet",
-           "build_pairs", "cot_question", "entailed", "judge", "run_correctness"]
+           "build_pairs", "cot_question", "entailed", "is_blank", "judge", "run_correctness"]
 
 COT_INSTRUCTION = (
     "Answer the question below. Reason step by step first; then, on the last line, give your "
@@ -115,11 +122,13 @@ def entailed(chosen_answer: str, rejected_answer: str) -> bool:
 def build_pairs(judged: Sequence[Judged], *, max_pairs: int = 15, allow_entailment: bool = False,
                 rng: random.Random | None = None) -> PairSet:
     """Correct x incorrect pairs (entailed ones skipped) and correct x unparseable format
-    pairs, each capped at `max_pairs` by a uniform draw without replacement."""
+    pairs, each capped at `max_pairs` by a uniform draw without replacement. Empty and
+    whitespace-only responses take no part."""
     rng = rng or random.Random(0)
-    correct = _unique(j for j in judged if j.correct)
-    wrong = _unique(j for j in judged if j.answer is not None and not j.correct)
-    unparsed = _unique(j for j in judged if j.answer is None)
+    usable = [j for j in judged if not is_blank(j.response)]
+    correct = _unique(j for j in usable if j.correct)
+    wrong = _unique(j for j in usable if j.answer is not None and not j.correct)
+    unparsed = _unique(j for j in usable if j.answer is None)
     candidates, skipped = [], 0
     for c in correct:
         for r in wrong:
@@ -133,11 +142,17 @@ def build_pairs(judged: Sequence[Judged], *, max_pairs: int = 15, allow_entailme
     stats = {"samples": len(judged), "correct": sum(j.correct for j in judged),
              "incorrect": sum(j.answer is not None and not j.correct for j in judged),
              "format_failures": sum(j.answer is None for j in judged),
+             "empty": len(judged) - len(usable),
              "pairs": len(pairs), "format_pairs": len(format_pairs),
              "entailment_skipped": skipped, "candidate_pairs": len(candidates),
-             "all_correct": int(bool(correct) and not wrong and not unparsed),
+             "all_correct": int(bool(correct) and all(j.correct for j in judged)),
              "none_correct": int(not correct)}
     return PairSet(pairs, format_pairs, stats)
+
+
+def is_blank(response: str) -> bool:
+    """An empty or whitespace-only response: never a chosen or a rejected answer."""
+    return not response.strip()
 
 
 def _unique(js) -> list[Judged]:
@@ -232,7 +247,8 @@ def summarize(totals: dict) -> dict:
 def format_summary(name: str, s: dict) -> str:
     return (f"[pairs] {name}: {s.get('items', 0)} questions, {s.get('samples', 0)} samples, "
             f"sample accuracy {s['sample_accuracy']:.1%}, format failures "
-            f"{s.get('format_failures', 0)} ({s['format_failure_rate']:.1%}); "
+            f"{s.get('format_failures', 0)} ({s['format_failure_rate']:.1%}; "
+            f"{s.get('empty', 0)} empty, never paired); "
             f"{s.get('pairs', 0)} pairs + {s.get('format_pairs', 0)} format pairs "
             f"({s.get('entailment_skipped', 0)} entailed skipped; {s.get('all_correct', 0)} "
             f"questions all correct, {s.get('none_correct', 0)} with none correct)")

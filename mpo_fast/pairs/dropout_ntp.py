@@ -7,10 +7,14 @@
                DROPPED: no image placeholder or image tokens in the prompt, no pixel values
 
 Without the image the model can only guess the rest, so the continuation hallucinates where
-the chosen one looked: the rejected response differs from the chosen in its second half only.
+the chosen one looked: the rejected response can differ from the chosen only after the prefix.
 The continuation keeps the whitespace the model produced (see
-`mpo_fast.pairs.generate.continuation_text`). Skipped items: a response with fewer than
-1/ratio words (empty prefix), and a continuation that reproduces the chosen response exactly.
+`mpo_fast.pairs.generate.continuation_text`); an empty continuation leaves the prefix alone as
+the rejected response. Skipped items (counted, no pair): an empty or whitespace-only chosen
+response ("empty"), one with fewer than 1/ratio words ("too_short": the prefix would be no word),
+and a rejected response equal to the chosen one up to leading and trailing whitespace
+("identical"). So neither side of a pair is ever empty: the rejected one starts with at least
+one word of the chosen.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ def run_dropout_ntp(items: Sequence[dict], generator: Generator, out_dir, name: 
         writer.write_meta({"pairs": name}, image_root, repeat_time)
         summary = {k: int(v) for k, v in writer.totals().items()}
     log(f"[pairs] {name}: {summary.get('items', 0)} items, {summary.get('pairs', 0)} pairs "
-        f"({summary.get('too_short', 0)} too short, {summary.get('identical', 0)} continued "
+        f"({summary.get('empty', 0)} empty, {summary.get('too_short', 0)} too short, "
+        f"{summary.get('identical', 0)} continued "
         f"identically; {summary.get('sampled_chosen', 0)} chosen responses sampled)")
     return summary
 
@@ -100,10 +105,11 @@ def _chosen(chunk: Sequence[dict], generator: Generator, image_root) -> list[str
 
 def _commit_item(writer: PairWriter, item: dict, chosen: str, prefix: str | None,
                  continuation: str | None, config: DropoutNTPConfig) -> None:
-    stats = {"pairs": 0, "too_short": int(prefix is None), "identical": 0,
-             "sampled_chosen": int(item.get("chosen") is None)}
+    empty = not chosen.strip()
+    stats = {"pairs": 0, "empty": int(empty), "too_short": int(prefix is None and not empty),
+             "identical": 0, "sampled_chosen": int(item.get("chosen") is None)}
     records = []
-    if prefix is not None:
+    if prefix is not None and not empty:
         rejected = prefix + (continuation or "")
         if rejected.strip() == chosen.strip():
             stats["identical"] = 1

@@ -23,9 +23,13 @@ import torch
 
 from .io import strip_image_placeholders
 
-__all__ = ["Generator", "Prompt", "SamplingConfig", "continuation_text"]
+__all__ = ["MAX_NEW_TOKENS", "Generator", "Prompt", "SamplingConfig", "continuation_text"]
 
 ANCHOR_TOKENS = 8  # prompt tokens decoded with a continuation to recover its leading space
+# new tokens per sampled response: the MPO authors' 2048 (InternVL's MMPR scripts use
+# 2048-4096); a long chain of thought cut short has no "Final Answer:" and becomes a format
+# failure
+MAX_NEW_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,13 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """`model.generate` options; the defaults are the paper's (temperature 0.7, top-k 50)."""
+    """`model.generate` options; the defaults are the paper's (temperature 0.7, top-k 50) and
+    the authors' length limit (`MAX_NEW_TOKENS`)."""
 
     temperature: float = 0.7
     top_k: int = 50
     top_p: float = 1.0
-    max_new_tokens: int = 1024
+    max_new_tokens: int = MAX_NEW_TOKENS
     do_sample: bool = True
 
     def generate_kwargs(self) -> dict:
