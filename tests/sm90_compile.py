@@ -152,8 +152,9 @@ def epilogue_variants(quick: bool):
     yield ("broadcast", loss_epilogue._broadcast_kernel, seg, values, block)
     every_type = loss_epilogue.ALL_TERMS
     for block_b in (16,) if quick else (16, loss_epilogue.MAX_PAIRS):
-        yield ("pair_terms", loss_epilogue._pair_terms_kernel, seg, values,
-               {"TYPES": every_type, "BLOCK_B": block_b})
+        for per_sequence in (False, True):  # the SFT token mean, or the per-sequence mean
+            yield ("pair_terms", loss_epilogue._pair_terms_kernel, seg, values,
+                   {"TYPES": every_type, "SFT_PER_SEQUENCE": per_sequence, "BLOCK_B": block_b})
 
 
 def main(quick: bool) -> None:
