@@ -27,10 +27,10 @@ def setup(out, **kw):
     torch.set_num_threads(1)
     tok = tiny.tiny_tokenizer()
     model = tiny.tiny_lm(tok, hidden=32, layers=1, heads=2, seed=0)
-    cfg = TrainConfig(model="given", data="given", output_dir=out, max_steps=6,
-                      pairs_per_step=8, max_tokens=96, max_length=32, lr=3e-3,
-                      warmup_ratio=0.2, log_every=1, save_every=2, keep_checkpoints=3,
-                      progress=False, **kw)
+    cfg = TrainConfig(**{**dict(model="given", data="given", output_dir=out, max_steps=6,
+                                pairs_per_step=8, max_tokens=96, max_length=32, lr=3e-3,
+                                warmup_ratio=0.2, log_every=1, save_every=2,
+                                keep_checkpoints=3, progress=False), **kw})
     return cfg, dict(model=model, tokenizer=tok, examples=tiny.make_task(40, seed=1))
 """
 namespace: dict = {}

@@ -39,7 +39,7 @@ import threading
 import time
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -161,15 +161,21 @@ def load(path: str, *, policy: nn.Module, optimizer, scheduler, ctx: Context) ->
     if why:
         raise CheckpointError(f"checkpoint {path} is not intact: {why}")
     state = read_state(path)
-    weights = {f"model.{k}": v for k, v in load_weights(path).items()}
-    weights.update(load_file(os.path.join(path, "loss.safetensors")))
+    try:
+        weights = {f"model.{k}": v for k, v in load_weights(path).items()}
+        weights.update(load_file(os.path.join(path, "loss.safetensors")))
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read the tensors of checkpoint {path}: {err}") from err
     optim = _load_pt(os.path.join(path, "optimizer.pt"))
     set_state_dict(policy, optimizer, model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt")))
     rng = os.path.join(path, f"rng-rank{ctx.rank}.safetensors")
     if state.get("world_size") == ctx.world and os.path.exists(rng):
-        _load_rng(rng)
+        try:
+            _load_rng(rng)
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot read {rng}: {err}") from err
     elif state.get("world_size") == ctx.world and _legacy(path):
         _load_legacy_rng(os.path.join(path, f"rng-rank{ctx.rank}.pt"))
     return state

@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                    "skipped_empty": skipped["empty"], "config": cfg.to_dict()})
 
     # ------------------------------------------------------------- the loop
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, stopping = 0, False
     with checkpoint.StopSignal(cfg.stop_signals) as stop:
         while step < total:
             t0 = time.perf_counter()
