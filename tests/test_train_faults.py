@@ -515,7 +515,7 @@ def kill_and_resume(straight, tmp_path, kills: int) -> None:
     ref_result, _ = straight
     out = tmp_path / "run"
     rng = random.Random(int(torch.randint(0, 2**31, ())))
-    done = 0
+    done, reached = 0, []
     for _ in range(kills):
         proc = start_victim(tmp_path, out, pause=0.03)
         if wait_running(proc, out):
@@ -523,6 +523,8 @@ def kill_and_resume(straight, tmp_path, kills: int) -> None:
         proc.kill()
         proc.wait()
         done += proc.returncode == 0
+        latest = checkpoint.latest(ckpt_root(out))
+        reached.append(int(latest.rsplit("-", 1)[1]) if latest else 0)
     proc = start_victim(tmp_path, out, pause=0.0)
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
     final = checkpoint.latest(ckpt_root(out))
@@ -530,6 +532,7 @@ def kill_and_resume(straight, tmp_path, kills: int) -> None:
     assert_same_state(final, ref_result.checkpoint)
     assert logged(out) == list(range(1, STEPS + 1))
     assert done < kills  # the kills landed in the run, not all after its end
+    assert any(0 < r < STEPS for r in reached), reached  # and some resumes were mid-run
 
 
 def test_three_random_sigkills_then_resume_end_bit_identical(straight, tmp_path):
