@@ -125,7 +125,7 @@ def test_a_malicious_pickle_in_any_checkpoint_file_never_runs(straight, tmp_path
         with pytest.raises((checkpoint.CheckpointError, ValueError)) as err:
             train(cfg, **given, **quiet)
         assert not marker.exists(), f"unpickling {name} ran code"
-        assert name in str(err.value) or target in str(err.value), str(err.value)
+        assert name in str(err.value), str(err.value)  # the refusal names the file
         if name.endswith(".pt"):
             assert "refusing" in str(err.value) and "run code" in str(err.value)
 

@@ -26,6 +26,7 @@ scattered back on load.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -161,21 +162,18 @@ def load(path: str, *, policy: nn.Module, optimizer, scheduler, ctx: Context) ->
     if why:
         raise CheckpointError(f"checkpoint {path} is not intact: {why}")
     state = read_state(path)
-    try:
+    with _naming_read_errors(os.path.join(path, "model.safetensors")):
         weights = {f"model.{k}": v for k, v in load_weights(path).items()}
+    with _naming_read_errors(os.path.join(path, "loss.safetensors")):
         weights.update(load_file(os.path.join(path, "loss.safetensors")))
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot read the tensors of checkpoint {path}: {err}") from err
     optim = _load_pt(os.path.join(path, "optimizer.pt"))
     set_state_dict(policy, optimizer, model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt")))
     rng = os.path.join(path, f"rng-rank{ctx.rank}.safetensors")
     if state.get("world_size") == ctx.world and os.path.exists(rng):
-        try:
+        with _naming_read_errors(rng):
             _load_rng(rng)
-        except (SafetensorError, OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"cannot read {rng}: {err}") from err
     elif state.get("world_size") == ctx.world and _legacy(path):
         _load_legacy_rng(os.path.join(path, f"rng-rank{ctx.rank}.pt"))
     return state
@@ -218,6 +216,15 @@ def set_aside(path: str, why: str) -> str:
         target = os.path.join(root, f"{why}{n}-{name}")
     os.rename(path, target)
     return target
+
+
+@contextlib.contextmanager
+def _naming_read_errors(file: str):
+    """A file that is not the safetensors it should be: a `CheckpointError` naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
 
 
 def _load_pt(path: str):

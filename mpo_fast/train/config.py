@@ -63,7 +63,7 @@ class TrainConfig:
     resume: str = ""  # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint path
     resume_force: bool = False  # resume a checkpoint whose run had other data / model / loss
     max_nonfinite_steps: int = 10  # stop with an error after this many non-finite steps in a row
-    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")  # checkpoint, exit
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")  # save, then exit
     progress: bool = True  # a progress bar on rank 0
 
     def __post_init__(self):
