@@ -542,3 +542,34 @@ def test_three_random_sigkills_then_resume_end_bit_identical(straight, tmp_path)
 @pytest.mark.slow
 def test_twenty_random_sigkills_then_resume_end_bit_identical(straight, tmp_path):
     kill_and_resume(straight, tmp_path, kills=20)
+
+
+NAN_CLI = """
+import sys
+import torch
+from mpo_fast.train import model
+from mpo_fast.train.cli import main
+
+real = model.hidden_states
+model.hidden_states = lambda m, b: real(m, b) * (float("nan") if torch.is_grad_enabled() else 1)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_command_exits_non_zero_when_steps_stay_non_finite(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"largest of {i} 7 3", "chosen": "7",
+                                        "rejected": str(i)}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", NAN_CLI, "--model", "tiny", "--data", str(data), "--output-dir",
+         str(out), "--max-steps", "4", "--pairs-per-step", "4", "--save-every", "1",
+         "--max-nonfinite-steps", "2", "--no-progress"],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "NonFiniteError: 2 optimizer steps in a row" in proc.stderr, proc.stderr[-3000:]
+    saved = checkpoint.candidates(ckpt_root(out))  # step 1: skipped, its weights the initial
+    assert [os.path.basename(p) for p in saved] == ["step-00000001"]
+    assert_finite_checkpoint(saved[0])
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r.get("skipped") for r in records] == ["nonfinite", "nonfinite"]
