@@ -105,6 +105,58 @@ def forward(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None)
     return lse, zy
 
 
+def forward_frozen(hidden, weight, bias, rows, targets, inv_temp, softcap, budget=None):
+    """(lse, z_target, E) for a frozen head: `forward` plus E [M, H] = d logp / d hidden.
+
+    With p = softmax(z) and c_v = dz_v/da_v (inv_temp, times 1 - tanh^2 under a softcap),
+
+        E_m = c_y W[y_m] - sum_v p_mv c_v W[v]
+
+    so that a backward with upstream gradient g is dH[r_m] = g_m E_m: no pass over the
+    vocabulary after the forward (the head's weight and bias need no gradient). The sum is
+    attention with K = V = W, accumulated like flash-attention's output: per vocab chunk,
+    rescale the running numerator by exp(m_old - m_new) and add exp(z - m_new) c @ W_c; divide
+    by the running sum at the end. Workspace: `forward`'s, plus the [tc, H] numerator; E
+    itself is an fp32 (fp64) [M, H] output, kept for the backward.
+    """
+    M, (V, H) = rows.numel(), weight.shape
+    dev, acc = hidden.device, accum_dtype(hidden.dtype)
+    lse = torch.empty(M, device=dev, dtype=acc)
+    zy = torch.empty(M, device=dev, dtype=acc)
+    E = torch.empty((M, H), device=dev, dtype=acc)
+    tc, vc = plan_chunks(M, V, H, hidden.dtype, softcap is not None, budget)
+    cap = None if softcap is None else softcap * inv_temp  # z = cap * tanh(a / softcap)
+    for t0 in range(0, M, tc):
+        r, y = rows[t0:t0 + tc], targets[t0:t0 + tc]
+        hc = hidden.index_select(0, r).to(acc)
+        m = torch.full((r.numel(),), float("-inf"), device=dev, dtype=acc)
+        s = torch.zeros_like(m)
+        num = torch.zeros((r.numel(), H), device=dev, dtype=acc)
+        zy_c = torch.zeros_like(m)
+        for v0 in range(0, V, vc):
+            v1 = min(v0 + vc, V)
+            z, t, wc = _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap)
+            col, inside = _target_columns(y, v0, v1)
+            zy_c = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), zy_c)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            scale = (m - m_new).exp_()
+            p = z.sub_(m_new[:, None]).exp_()  # unnormalized probabilities, in place
+            s = s * scale + p.sum(dim=1)
+            if t is not None:
+                p.mul_(t.square_().neg_().add_(1.0))
+            num.mul_(scale[:, None]).addmm_(p, wc)
+            m = m_new
+            del z, t, p
+        c_y = torch.full_like(zy_c, inv_temp)
+        if cap is not None:
+            c_y = c_y * (1 - (zy_c / cap) ** 2)
+        w_y = weight.index_select(0, y).to(acc)
+        E[t0:t0 + tc] = w_y.mul_(c_y[:, None]).sub_(num.div_(s[:, None]).mul_(inv_temp))
+        lse[t0:t0 + tc] = m + s.log()
+        zy[t0:t0 + tc] = zy_c
+    return lse, zy, E
+
+
 def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, needs,
                      budget=None):
     """(d hidden [N, H], d weight [V, H], d bias [V]) in the input dtypes, None where not needed."""
@@ -144,3 +196,72 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, inv_temp, softcap, 
             gw[v0:v1].copy_(gw_c)
     cast = lambda x, dt: None if x is None else x.to(dt)
     return cast(gh, hidden.dtype), gw, cast(gb, weight.dtype)
+
+
+def group_tokens(V: int, H: int, dtype: torch.dtype, softcap: bool, budget: int | None = None
+                 ) -> int:
+    """Tokens whose kept logits fit `budget` in `single_pass_group` (at least 1).
+
+    Per token: the fp32 (fp64) logits row [V] (twice with a softcap: the tanh' factor), the
+    hidden row and its dH row [H] each; plus one weight chunk [vc, H] upcast (half weights).
+    """
+    budget = workspace_bytes() if budget is None else budget
+    item = torch.finfo(accum_dtype(dtype)).bits // 8
+    tiles = 2 if softcap else 1
+    fixed = 2 * item * min(V, 4 * _MIN_VOCAB_CHUNK * 8) * H
+    return max(1, (budget - fixed) // (item * (tiles * V + 2 * H)))
+
+
+def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, token_grad,
+                      grads, dw_accum=None):
+    """One group of whole pairs in one pass over the vocabulary: log-probs and gradients.
+
+        z      = transform(h W^T + b)          [n, V] fp32, kept (the group's whole logits)
+        logp   = z_y - logsumexp(z)            -> g = token_grad(logp): dL/dlogp per token
+        dZ     = g (onehot - softmax(z))       in place; the target column is g (1 - p_y),
+                                               formed in fp32 (no 1 - p_y cancellation)
+        dA     = dZ * dz/da                    (1/T, times 1 - tanh^2 under a softcap)
+        dH[r]  = dA W      dW += dA^T h      db += sum_rows dA
+
+    `grads` = (gh [N, H] in hidden's dtype, gw [V, H] or None, gb [V] fp32 or None): dH rows
+    are written (each token's row is complete after its group), dW and db accumulated. With
+    `dw_accum` (an fp32 [V, H] buffer) dW is summed there instead of in gw's dtype.
+    Returns logp [n] (fp32; fp64 for fp64 inputs).
+    """
+    gh, gw, gb = grads
+    (V, H), n = weight.shape, rows.numel()
+    dev, acc = hidden.device, accum_dtype(hidden.dtype)
+    vc = min(V, 4 * _MIN_VOCAB_CHUNK * 8)
+    hc = hidden.index_select(0, rows).to(acc)
+    z = torch.empty((n, V), device=dev, dtype=acc)
+    for v0 in range(0, V, vc):
+        z[:, v0:v0 + vc] = _logits(hc, weight, bias, v0, min(v0 + vc, V), acc, inv_temp,
+                                   softcap)[0]
+    lse = torch.logsumexp(z, dim=1)
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    g = token_grad(logp).to(acc)
+    chain = None
+    if softcap is not None:  # dz/da = (1 - tanh^2) / T with tanh = z / (softcap / T)
+        chain = (z / (softcap * inv_temp)).square_().neg_().add_(1.0)
+    da = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    da.scatter_add_(1, targets[:, None], g[:, None])
+    if chain is not None:
+        da.mul_(chain)
+        del chain
+    if inv_temp != 1.0:
+        da.mul_(inv_temp)
+    dh = torch.zeros((n, H), device=dev, dtype=acc) if gh is not None else None
+    for v0 in range(0, V, vc):
+        v1 = min(v0 + vc, V)
+        d = da[:, v0:v1]
+        if dh is not None:
+            dh.addmm_(d, weight[v0:v1].to(acc))
+        if dw_accum is not None:
+            dw_accum[v0:v1].addmm_(d.T, hc)
+        elif gw is not None:
+            gw[v0:v1] += (d.T @ hc).to(gw.dtype)
+        if gb is not None:
+            gb[v0:v1] += d.sum(dim=0)
+    if gh is not None:
+        gh.index_copy_(0, rows, dh.to(gh.dtype))
+    return logp
