@@ -173,7 +173,8 @@ def nan_at(monkeypatch, steps: set[int]):
     monkeypatch.setattr(model, "hidden_states", poisoned)
 
 
-def test_one_nan_step_is_skipped_counted_and_never_saved(tmp_path, monkeypatch):
+def test_one_nan_step_is_skipped_counted_and_never_saved(straight, tmp_path, monkeypatch):
+    clean_bco = straight[0].loss_fn.bco_state
     out = tmp_path / "run"
     cfg, given = setup(str(out), keep_checkpoints=0)
     nan_at(monkeypatch, {random.randrange(1, STEPS)})
@@ -181,7 +182,9 @@ def test_one_nan_step_is_skipped_counted_and_never_saved(tmp_path, monkeypatch):
     result = train(cfg, **given, log=said.append)
     assert result.step == STEPS and result.stopped_by is None
     assert result.skipped_nonfinite == 1
-    assert torch.isfinite(result.loss_fn.bco_state).all()
+    bco = result.loss_fn.bco_state
+    assert torch.isfinite(bco).all()
+    assert 0 < bco[1] < clean_bco[1]  # the skipped step's rewards never entered the mean
     for p in given["model"].parameters():
         assert torch.isfinite(p).all()
     records = [json.loads(x) for x in open(out / "metrics.jsonl")]
