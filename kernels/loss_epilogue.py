@@ -139,7 +139,7 @@ def _add_term(K: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, 
 @triton.jit
 def _pair_terms_kernel(
     Seq, Ref, Count, Delta, W, Loss, Metrics, TermMetrics, Coef,
-    B, beta, e, tau, orpo_cap,
+    B, beta, e, tau, orpo_cap, sft_tokens,
     TYPES: tl.constexpr, SFT_PER_SEQUENCE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     types = tl.constexpr(TYPES)  # (a plain int under the interpreter: `>>` needs a constexpr)
@@ -241,12 +241,14 @@ def _pair_terms_kernel(
                                   m, W, TermMetrics, inv_b, total, gc, gr)
 
     # SFT, also the nll metric. Per sequence: mean_i(-c_i / L_c_i), d/dc_i = -1 / (B L_c_i).
-    # Token mean: -sum(c) / T, T = chosen tokens in the batch (>= 1), d/dc_i = -1 / T.
+    # Token mean: -sum(c) / T, T = sft_tokens when > 0 (given from outside), else the chosen
+    # tokens in the batch (>= 1); d/dc_i = -1 / T.
     if SFT_PER_SEQUENCE:
         nll = -tl.sum(tl.where(m, c / lc, 0.0), axis=0) * inv_b
         dnll = -inv_b / lc
     else:
         tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
+        tokens = tl.where(sft_tokens > 0.0, sft_tokens, tokens)
         nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
         dnll = tl.zeros((BLOCK_B,), dtype=tl.float32) - 1.0 / tokens
     if (types >> SFT) & 1:
@@ -292,14 +294,15 @@ def broadcast(g, cu_seqlens, num_tokens):
 
 
 def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoothing, tau,
-               orpo_cap, sft_per_sequence=False):
+               orpo_cap, sft_per_sequence=False, sft_tokens=0.0):
     """(loss [], out [NUM_METRICS + NUM_TERMS], coef [2B]) for the batch, fp32.
 
     ``seq``, ``ref_seq``, ``count`` are fp32 [2B] (chosen then rejected); ``delta`` a 1-element
     device tensor; ``types`` an int of term bits (a subset of ALL_TERMS); ``term_weights`` fp32
     [NUM_TERMS] on the device, indexed by bit (a host-to-device copy here would sync);
     ``orpo_cap`` the largest average log-prob ORPO takes (log(1 - exp(a)) needs a < 0);
-    ``sft_per_sequence`` picks the SFT normalization (False: the token mean).
+    ``sft_per_sequence`` picks the SFT normalization (False: the token mean, over
+    ``sft_tokens`` tokens when > 0, else over the batch's chosen tokens).
     ``out`` holds the metrics at their slots, then each term's batch mean at NUM_METRICS + bit
     (NaN for terms that are off).
     """
@@ -314,7 +317,7 @@ def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoo
     coef = torch.empty(2 * B, device=dev, dtype=torch.float32)
     _pair_terms_kernel[(1,)](
         seq, ref_seq, count, delta, term_weights, loss, out, out[NUM_METRICS:], coef,
-        B, float(beta), float(label_smoothing), float(tau), float(orpo_cap),
+        B, float(beta), float(label_smoothing), float(tau), float(orpo_cap), float(sft_tokens),
         TYPES=types, SFT_PER_SEQUENCE=bool(sft_per_sequence),
         BLOCK_B=max(16, triton.next_power_of_2(B)))
     return loss, out, coef

@@ -85,17 +85,19 @@ def fused_epilogue_supported(cfg: LossConfig, num_pairs: int) -> bool:
 class Epilogue(torch.autograd.Function):
     """(token log-probs [N] ...) -> (loss [], seq log-probs [2B], metric vector).
 
-    forward(ctx, logp, ref_logp, ref_seq, count, segs, cfg, bco_state, backend):
+    forward(ctx, logp, ref_logp, ref_seq, count, segs, cfg, bco_state, backend, sft_tokens):
         logp [N] policy token log-probs (differentiable), ref_logp [N] or None reference token
         log-probs, ref_seq [2B] or None precomputed reference sequence log-probs, count [2B]
         completion tokens per sequence (fp32), segs the `Segments` of the N tokens, cfg a
         `LossConfig`, bco_state float64 [2] (used when cfg.running_delta), backend "triton"
-        (kernels/loss_epilogue.py) or "torch". The metric vector follows cfg.metric_names.
+        (kernels/loss_epilogue.py) or "torch", sft_tokens the token-mean SFT denominator
+        (a float > 0) or None (the batch's chosen tokens). The metric vector follows
+        cfg.metric_names.
     """
 
     @staticmethod
     def forward(ctx, logp, ref_logp, ref_seq, count, segs: Segments, cfg: LossConfig,
-                bco_state, backend: str):
+                bco_state, backend: str, sft_tokens: float | None = None):
         if backend == "triton":
             seq, ref_sums = _kernels().segment_sums(logp, ref_logp, segs.cu_seqlens,
                                                     segs.num_tokens)
@@ -105,9 +107,9 @@ class Epilogue(torch.autograd.Function):
         ref = ref_seq.to(seq) if ref_seq is not None else ref_sums
         state = bco_state if cfg.running_delta else None
         if backend == "triton" and fused_epilogue_supported(cfg, seq.numel() // 2):
-            loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, state)
+            loss, metrics, coef = _fused_pair_terms(seq, ref, count, cfg, state, sft_tokens)
         else:
-            loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, state)
+            loss, metrics, coef = _torch_pair_terms(seq, ref, count, cfg, state, sft_tokens)
         ctx.segs, ctx.backend = segs, backend
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(metrics)
@@ -125,10 +127,10 @@ class Epilogue(torch.autograd.Function):
             grad = _kernels().broadcast(per_seq.contiguous(), segs.cu_seqlens, segs.num_tokens)
         else:
             grad = segs.broadcast(per_seq)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
-def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
+def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state, sft_tokens=None):
     layout = _kernel_layout(cfg, seq.device)
     if ref is None:
         ref = torch.zeros_like(seq)
@@ -139,18 +141,18 @@ def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
     loss, out, coef = _kernels().pair_terms(
         seq, ref, count, delta.reshape(1), layout.types, layout.weights, cfg.beta,
         cfg.label_smoothing, cfg.discopop_tau, ORPO_MAX_AVG_LOGP,
-        sft_per_sequence=cfg.sft_normalize == "sequence")
+        sft_per_sequence=cfg.sft_normalize == "sequence", sft_tokens=sft_tokens or 0.0)
     return loss, out.index_select(0, layout.order), coef
 
 
-def _torch_pair_terms(seq, ref, count, cfg: LossConfig, bco_state):
+def _torch_pair_terms(seq, ref, count, cfg: LossConfig, bco_state, sft_tokens=None):
     B = seq.numel() // 2
     with torch.enable_grad():
         c = seq[:B].detach().requires_grad_()
         r = seq[B:].detach().requires_grad_()
         loss, metrics = combined_loss(
             cfg, c, r, ref[:B] if ref is not None else None, ref[B:] if ref is not None else None,
-            count[:B], count[B:], bco_state=bco_state)
+            count[:B], count[B:], bco_state=bco_state, sft_tokens=sft_tokens)
         gc, gr = torch.autograd.grad(loss, (c, r), allow_unused=True)
     coef = torch.cat([torch.zeros_like(c) if gc is None else gc,
                       torch.zeros_like(r) if gr is None else gr])

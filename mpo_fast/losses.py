@@ -306,20 +306,38 @@ def preference_loss(
                          bco_state)
 
 
-def sft_term(cfg: LossConfig, c, chosen_lengths=None):
-    """The SFT term on ``[B]`` chosen log-probs: "token" -sum(c) / sum(L_c), "sequence"
-    mean(-c / max(L_c, 1)). Without lengths every answer counts as one token."""
+def sft_term(cfg: LossConfig, c, chosen_lengths=None, sft_tokens=None):
+    """The SFT term on ``[B]`` chosen log-probs: "token" -sum(c) / T with T = ``sft_tokens``
+    when given (the denominator from outside: e.g. a whole optimizer step's chosen tokens),
+    else sum(L_c); "sequence" mean(-c / max(L_c, 1)). Without lengths every answer counts as
+    one token."""
     if cfg.sft_normalize == "sequence":
         lengths = torch.ones_like(c) if chosen_lengths is None else chosen_lengths.to(c)
         return (-c / lengths.clamp(min=1)).mean()
+    if sft_tokens is not None:
+        return -c.sum() / sft_tokens
     tokens = chosen_lengths.to(c).sum() if chosen_lengths is not None else c.new_tensor(len(c))
     return -c.sum() / tokens.clamp(min=1)
 
 
+def check_sft_tokens(cfg: LossConfig, sft_tokens) -> float | None:
+    """``sft_tokens`` as a float, checked: a finite number > 0, only for the token mean."""
+    if sft_tokens is None:
+        return None
+    if cfg.sft_normalize != "token":
+        raise ValueError("sft_tokens is the denominator of the token-mean SFT term; "
+                         f"sft_normalize={cfg.sft_normalize!r} has none")
+    value = float(sft_tokens)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"sft_tokens must be a finite number > 0, got {sft_tokens!r}")
+    return value
+
+
 def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
-                  rejected_lengths=None, sft_loss=None, bco_state=None):
+                  rejected_lengths=None, sft_loss=None, bco_state=None, sft_tokens=None):
     """`preference_loss` on checked inputs: ``[B]`` tensors (``c0``/``r0`` None = 0), the
-    BCO state used only when ``cfg.running_delta``. Returns (loss, metrics)."""
+    BCO state used only when ``cfg.running_delta``, ``sft_tokens`` the token mean's
+    denominator when given (see `sft_term`). Returns (loss, metrics)."""
     zeros = torch.zeros_like(c)
     c0 = zeros if c0 is None else c0
     r0 = zeros if r0 is None else r0
@@ -332,7 +350,7 @@ def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
     if cfg.running_delta:
         delta = update_bco_state(bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
     if sft_loss is None:
-        sft_loss = sft_term(cfg, c, chosen_lengths)
+        sft_loss = sft_term(cfg, c, chosen_lengths, sft_tokens)
 
     pairs = Pairs(c, r, c0, r0, len_c, len_r, beta, cfg.label_smoothing, delta,
                   cfg.discopop_tau)

@@ -20,7 +20,7 @@ from torch import nn
 from .epilogue import Epilogue
 from .layout import Segments
 from .logprobs import _check_inputs, fused_logprobs_at, resolve_backend, scored_rows
-from .losses import MPO_LOSS_TYPES, LossConfig, new_bco_state
+from .losses import MPO_LOSS_TYPES, LossConfig, check_sft_tokens, new_bco_state
 
 __all__ = ["HeadConfig", "MPOLoss", "MPOOutput"]
 
@@ -61,8 +61,9 @@ class MPOLoss(nn.Module):
             token mean over the batch) or "sequence" (the paper's Eq. 5: each answer's NLL over
             its own completion length, then the mean over pairs). Under gradient accumulation
             scale each micro-batch's loss by its pairs / the step's pairs (as for every
-            per-pair term): with "sequence" the sum is then exactly the step's loss;
-            `mpo_fast.train.loop.objective` does this, and the token mean's correction.
+            per-pair term): with "sequence" the sum is then exactly the step's loss; with
+            "token" pass the forward's ``sft_tokens`` (the denominator from outside, Liger's
+            ``full_target`` idea), as `mpo_fast.train.loop.objective` does.
 
     The options live in two frozen config objects, one per op: ``self.loss_config`` (a
     `mpo_fast.losses.LossConfig`, checked here) and ``self.head_config`` (a `HeadConfig`).
@@ -105,6 +106,7 @@ class MPOLoss(nn.Module):
         ref_hidden: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
+        sft_tokens: float | None = None,
     ) -> MPOOutput:
         """Loss of a batch of 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected (pair i is
         (i, B+i)).
@@ -121,7 +123,13 @@ class MPOLoss(nn.Module):
         Reference: `ref_logps=(ref_chosen [B], ref_rejected [B])`, or reference hidden states
         (same layout as hidden) with the reference head `ref_weight` (and `ref_bias`). ORPO
         and SFT need no reference.
+
+        ``sft_tokens``: the token-mean SFT term's denominator (a number > 0) instead of this
+        batch's chosen completion tokens; for a micro-batch that is a fraction f of the step's
+        pairs, ``f * loss`` with ``sft_tokens = f * (the step's chosen tokens)`` sums over the
+        micro-batches to the step's token mean exactly. Only with ``sft_normalize="token"``.
         """
+        sft_tokens = check_sft_tokens(self.loss_config, sft_tokens)
         hidden, targets, ref_hidden = _packed_row(hidden, targets, ref_hidden, cu_seqlens)
         segs = self._segments(hidden, targets, cu_seqlens)
         B = segs.num_seqs // 2
@@ -144,7 +152,7 @@ class MPOLoss(nn.Module):
         # it was: evaluating never moves the reward shift training will use
         state = self.bco_state if self.training else self.bco_state.clone()
         loss, seq, vec = Epilogue.apply(logp, ref_logp, ref_seq, count, segs, self.loss_config,
-                                        state, backend)
+                                        state, backend, sft_tokens)
         metrics = dict(zip(self.loss_config.metric_names, vec, strict=True))
         return MPOOutput(loss, metrics, seq[:B], seq[B:])
 

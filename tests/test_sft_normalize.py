@@ -26,7 +26,7 @@ from mpo_fast import MPOLoss, preference_loss
 from mpo_fast.epilogue import _fused_pair_terms, _torch_pair_terms
 from mpo_fast.losses import LossConfig
 from mpo_fast.train.config import TrainConfig
-from mpo_fast.train.loop import objective
+from mpo_fast.train.loop import objective, sft_tokens
 
 IGNORE = -100
 BETA = 0.1
@@ -206,7 +206,8 @@ def test_the_two_normalizations_weight_answers_differently():
 
 def micro_batch_sum(hidden, weight, ref_hidden, targets, sizes, mode, layout):
     """The trainer's gradient accumulation: each micro-batch of pairs through MPOLoss, its
-    share J from `objective` with the step's pair and chosen-token counts, J summed and
+    share J from `objective` with the step's pair count (the token mean's denominator given
+    to the loss from outside: `sft_tokens` with the step's chosen tokens), J summed and
     backpropagated. Returns (sum of J, hidden grad, weight grad)."""
     B = hidden.shape[0] // 2
     types, weights = ("sigmoid", "bco_pair", "sft"), MPO_WEIGHTS
@@ -222,14 +223,17 @@ def micro_batch_sum(hidden, weight, ref_hidden, targets, sizes, mode, layout):
         rows = torch.cat([pairs, B + pairs])
         start += size
         t = targets[rows]
+        mb = SimpleNamespace(num_pairs=size, chosen_tokens=int((t[:size] != IGNORE).sum()))
+        denominator = sft_tokens(mb, B, step_chosen, fn)
         if layout == "padded":
-            out = fn(h[rows], w, t, ref_hidden=ref_hidden[rows], ref_weight=weight)
+            out = fn(h[rows], w, t, ref_hidden=ref_hidden[rows], ref_weight=weight,
+                     sft_tokens=denominator)
         else:
             ph, pt, cu = pack(h[rows], t)
             pr, _, _ = pack(ref_hidden[rows], t)
-            out = fn(ph, w, pt, cu_seqlens=cu, ref_hidden=pr, ref_weight=weight)
-        mb = SimpleNamespace(num_pairs=size, chosen_tokens=int((t[:size] != IGNORE).sum()))
-        J = objective(out, mb, B, step_chosen, fn)
+            out = fn(ph, w, pt, cu_seqlens=cu, ref_hidden=pr, ref_weight=weight,
+                     sft_tokens=denominator)
+        J = objective(out, mb, B)
         J.backward()
         total = total + J.detach()
     return total, h.grad, w.grad
@@ -291,6 +295,35 @@ def test_fused_pair_terms_sequence_sft(B):
 
 
 @requires_triton
+@pytest.mark.parametrize("B", [1, 6])
+def test_fused_pair_terms_sft_tokens_from_outside(B):
+    """``sft_tokens``: the kernel's token-mean SFT term over a denominator given from outside
+    (not the batch's chosen tokens) against the torch pair terms and -sum(c) / sft_tokens."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    count = torch.randint(1, 40, (2 * B,), device=device).float()
+    seq = -count * torch.rand(2 * B, device=device) * 2
+    ref = seq + torch.randn(2 * B, device=device)
+    cfg = LossConfig(MPO_TYPES, (0.8, 0.2, 1.7), beta=0.3, bco_delta="none")
+    tokens = 3.5 * float(count[:B].sum())  # e.g. this micro-batch's share of a larger step
+    loss, vec, coef = _fused_pair_terms(seq, ref, count, cfg, None, tokens)
+    t_loss, t_vec, t_coef = _torch_pair_terms(seq, ref, count, cfg, None, tokens)
+    assert rel_err(loss, t_loss) <= F32_TOL and rel_err(coef, t_coef) <= F32_TOL
+    assert rel_err(vec, t_vec) <= F32_TOL
+    nll = vec[cfg.metric_names.index("nll_loss")]
+    assert rel_err(nll, -seq[:B].double().sum() / tokens) <= F32_TOL
+
+
+def test_sft_tokens_is_checked():
+    hidden, weight, ref_hidden, targets = batch(B=2, T=6, dtype=torch.float32)
+    for bad in (0, -3.0, float("nan")):
+        with pytest.raises(ValueError, match="sft_tokens"):
+            MPOLoss(loss_types=("sft",))(hidden, weight, targets, sft_tokens=bad)
+    with pytest.raises(ValueError, match="sft_tokens.*sequence"):
+        MPOLoss(loss_types=("sft",), sft_normalize="sequence")(hidden, weight, targets,
+                                                                sft_tokens=4)
+
+
+@requires_triton
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_triton_end_to_end_matches_eq5(layout):
     hidden, weight, ref_hidden, targets = batch(B=3, T=8, dtype=torch.float32)
@@ -318,9 +351,9 @@ class _Head(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.clone())
         self.loss_fn = MPOLoss(bco_delta="none", sft_normalize=mode, backend="torch")
 
-    def forward(self, hidden, targets, ref_hidden):
+    def forward(self, hidden, targets, ref_hidden, sft_tokens=None):
         return self.loss_fn(hidden, self.weight, targets, ref_hidden=ref_hidden,
-                            ref_weight=self.weight.detach())
+                            ref_weight=self.weight.detach(), sft_tokens=sft_tokens)
 
 
 def _free_port() -> int:
@@ -345,8 +378,8 @@ def _ddp_worker(rank, world, port, data, split, results):
             head = _Head(weight, mode)
             ddp = torch.nn.parallel.DistributedDataParallel(head)
             h = hidden[rows].clone().requires_grad_()
-            out = ddp(h, t, ref_hidden[rows])
-            J = objective(out, mb, B, step_chosen, head.loss_fn)
+            out = ddp(h, t, ref_hidden[rows], sft_tokens(mb, B, step_chosen, head.loss_fn))
+            J = objective(out, mb, B)
             (J * world).backward()  # DDP averages: the sum of the ranks' J
             total = J.detach().clone()
             torch.distributed.all_reduce(total)

@@ -10,9 +10,10 @@ exactly the loss of the whole global batch, however it was split:
       or w_sft * (-(sum of chosen completion log-probs) / (chosen tokens in the step)) ("token")
 
 A micro-batch contributes J = (its pairs / step pairs) * (its MPOLoss), exact for every
-per-pair term and for the per-sequence SFT term; with "token" its SFT term is swapped for
-w_sft * (-(its chosen log-probs) / step chosen tokens), differentiable through
-``out.chosen_logps``. Backward on J * world (DDP and FSDP2 average over processes).
+per-pair term and for the per-sequence SFT term; with "token" the loss is given its SFT
+denominator from outside (``MPOLoss(..., sft_tokens=)``: (its pairs / step pairs) * the step's
+chosen tokens), so the loss never has to be undone and redone. Backward on J * world (DDP and
+FSDP2 average over processes).
 
 The policy is an `MPOModel` (backbone + LM head + fused loss in one forward) wrapped by DDP or
 FSDP2; the reference a frozen copy, a disk cache, or the adapter-disabled PEFT policy.
@@ -168,8 +169,9 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                                 packed=cfg.packing).to(ctx.device)
                 ref_logps = ref.logps(batch) if ref is not None else None
                 with distributed.sync_grads(policy, ctx, k == len(groups) - 1), autocast():
-                    out = policy(batch, ref_logps)
-                J = objective(out, batch, n_pairs, n_chosen, loss_fn)
+                    out = policy(batch, ref_logps,
+                                 sft_tokens(batch, n_pairs, n_chosen, loss_fn))
+                J = objective(out, batch, n_pairs)
                 (J * ctx.world).backward()
                 frac = batch.num_pairs / n_pairs
                 row = torch.stack([J.detach(), *(frac * v.float() for v in out.metrics.values())])
@@ -372,17 +374,23 @@ def trim_metrics(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def objective(out, batch, step_pairs_total: int, step_chosen_total: int, loss_fn: MPOLoss):
-    """This micro-batch's share J of the step's loss (see the module docstring): the sum of
-    the step's J over micro-batches and processes is the loss of the step's whole batch."""
-    frac = batch.num_pairs / step_pairs_total
-    J = frac * out.loss
+def sft_tokens(batch, step_pairs_total: int, step_chosen_total: int, loss_fn: MPOLoss
+               ) -> float | None:
+    """The token-mean SFT denominator this micro-batch's `MPOLoss` gets from outside: its
+    share (pairs / step pairs) of the step's chosen tokens, so that `objective`'s scaling by
+    the same share gives w_sft * (-(its chosen log-probs) / step chosen tokens). None when the
+    SFT term is not a token mean."""
     cfg = loss_fn.loss_config
-    if "sft" in cfg.loss_types and cfg.sft_normalize == "token":
-        w = cfg.loss_weights[cfg.loss_types.index("sft")]
-        c = out.chosen_logps.sum()
-        J = J + w * (frac * c / max(batch.chosen_tokens, 1) - c / max(step_chosen_total, 1))
-    return J
+    if "sft" not in cfg.loss_types or cfg.sft_normalize != "token":
+        return None
+    return max(step_chosen_total, 1) * batch.num_pairs / step_pairs_total
+
+
+def objective(out, batch, step_pairs_total: int):
+    """This micro-batch's share J of the step's loss (see the module docstring): the sum of
+    the step's J over micro-batches and processes is the loss of the step's whole batch (the
+    forward got `sft_tokens`)."""
+    return batch.num_pairs / step_pairs_total * out.loss
 
 
 def lr_factor(cfg: TrainConfig, total: int):

@@ -66,14 +66,14 @@ class MPOModel(nn.Module):
         super().__init__()
         self.model, self.loss_fn, self.amp_dtype = model, loss_fn, amp_dtype
 
-    def forward(self, batch: Batch, ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> MPOOutput:
+    def forward(self, batch: Batch, ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                sft_tokens: float | None = None) -> MPOOutput:
         hidden = hidden_states(self.model, batch)
         weight, bias = lm_head(self.model, hidden.dtype if self.amp_dtype is None
                                else self.amp_dtype)
         hidden = hidden.to(weight.dtype) * logit_scale(self.model)
         return self.loss_fn(hidden, weight, batch.targets, cu_seqlens=batch.segments, bias=bias,
-                            ref_logps=ref_logps)
+                            ref_logps=ref_logps, sft_tokens=sft_tokens)
 
 
 def lm_head(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
