@@ -1,5 +1,6 @@
 """How the benchmarks measure: time, peak extra memory and the card's (or CPU's) matmul rate.
-(Time and memory are `mpo_fast.measure`'s, shared with the trainer's comparisons.)
+(Time, memory and the device's name are `mpo_fast.measure`'s, the one meter; this file adds
+the matmul rate, process isolation and the per-case record.)
 
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
   the CPU (where the op is synchronous). With one repeat on the CPU, the step whose peak
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from mpo_fast.measure import peak_extra_bytes, sync, time_ms
+from mpo_fast.measure import device_name, peak_extra_bytes, sync, time_ms
 
 __all__ = ["device_name", "matmul_tflops", "measure_case", "out_of_memory", "peak_extra_bytes",
            "run_isolated", "sync", "time_ms"]
@@ -39,19 +40,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
     b = torch.randn(n, n, device=device).to(dtype)
     ms = time_ms(lambda: a @ b, device, warmup=2, repeats=5 if device.type == "cuda" else 3)
     return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def run_isolated(module: str, spec: dict, timeout: float = 3600) -> dict:

@@ -1,6 +1,6 @@
 """End to end, one training step: packed + fused (this trainer) vs padded + naive full logits.
 
-    python -m mpo_fast.train.compare [--vocab 128256 --hidden 128 --layers 2 --pairs 8]
+    python -m bench.train_step [--vocab 128256 --hidden 128 --layers 2 --pairs 8]
 
 Both run the same step of the same random-init Llama (tied embeddings, a realistic
 vocabulary, a small hidden size so a CPU can run it) on the same pairs (random tokens, prompts
@@ -18,9 +18,7 @@ Each case runs in its own process (glibc's mmap threshold pinned, so freed buffe
 resident set and a warm heap cannot hide an allocation); the table gives the step's median
 time over ``--repeats``, tokens/s (real tokens, padding not counted), and the peak resident
 memory the step adds to the process (CUDA: the allocator's peak) beyond the model, optimizer
-state and inputs already there.
-
-`cost(step)` is the same measurement for any callable (the demo's loss-head comparison).
+state and inputs already there (`mpo_fast.measure.cost`, the demo's meter too).
 """
 
 from __future__ import annotations
@@ -28,33 +26,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 
 import torch
 
-from ..measure import peak_extra_bytes, pin_mmap_threshold, time_ms
+from mpo_fast.measure import cost, device_name
 
-__all__ = ["cost", "main"]
-
-
-def cost(step, repeats: int = 3, device: torch.device | str = "cpu") -> dict:
-    """{"ms": median time, "peak_mib": peak extra memory} of ``step()`` after one warm-up
-    (`mpo_fast.measure`: the benchmarks' own measurement)."""
-    device = torch.device(device)
-    pin_mmap_threshold()
-    step()
-    peak = peak_extra_bytes(step, device)
-    return {"ms": time_ms(step, device, warmup=0, repeats=repeats), "peak_mib": peak / 2**20}
+__all__ = ["image_reuse", "main", "run_case"]
 
 
 # --------------------------------------------------------------------------- the two steps
 
 
 def _setup(args):
-    from ..data import tiny
-    from ..data.collate import TokenizedPair
+    from mpo_fast.data import tiny
+    from mpo_fast.data.collate import TokenizedPair
 
     torch.manual_seed(args.seed)
     tok = tiny.tiny_tokenizer()
@@ -70,11 +57,11 @@ def _setup(args):
 
 
 def _packed_fused(args, device):
-    from ..data.collate import collate
-    from ..mpo import MPOLoss
-    from .distributed import Context
-    from .model import MPOModel, set_attention
-    from .reference import FrozenCopy
+    from mpo_fast.data.collate import collate
+    from mpo_fast.mpo import MPOLoss
+    from mpo_fast.train.distributed import Context
+    from mpo_fast.train.model import MPOModel, set_attention
+    from mpo_fast.train.reference import FrozenCopy
 
     model, pairs, pad = _setup(args)
     set_attention(model, packed=True)
@@ -95,9 +82,9 @@ def _packed_fused(args, device):
 
 
 def _padded_naive(args, device):
-    from ..data.collate import collate
-    from ..losses import new_bco_state, preference_loss
-    from .model import set_attention
+    from mpo_fast.data.collate import collate
+    from mpo_fast.losses import new_bco_state, preference_loss
+    from mpo_fast.train.model import set_attention
 
     model, pairs, pad = _setup(args)
     set_attention(model, packed=False)
@@ -140,9 +127,9 @@ def image_reuse(pairs: int = 8, image_size: int = 224, repeats: int = 3) -> dict
     way (the images given again with every sequence: the vision tower sees them twice)."""
     from PIL import Image
 
-    from ..data import Example, PairTokenizer, collate, tiny
-    from ..mpo import MPOLoss
-    from .model import MPOModel, backbone, count_calls, set_attention
+    from mpo_fast.data import Example, PairTokenizer, collate, tiny
+    from mpo_fast.mpo import MPOLoss
+    from mpo_fast.train.model import MPOModel, backbone, count_calls, set_attention
 
     tok = tiny.tiny_tokenizer()
     model, proc = tiny.tiny_internvl(tok, image_size=image_size)
@@ -180,7 +167,7 @@ def image_reuse(pairs: int = 8, image_size: int = 224, repeats: int = 3) -> dict
 
 
 def _attention(batch):
-    from ..attention import attention_kwargs
+    from mpo_fast.attention import attention_kwargs
 
     return attention_kwargs(batch.segments)
 
@@ -191,20 +178,14 @@ def run_case(args) -> dict:
     c = cost(step, repeats=args.repeats, device=device)
     return {"case": args.case, **c, "tokens": batch.num_tokens,
             "processed_tokens": batch.num_tokens if batch.packed else batch.padded_tokens,
-            "tokens_per_s": batch.num_tokens / (c["ms"] / 1e3), "device": _device_name(device),
+            "tokens_per_s": batch.num_tokens / (c["ms"] / 1e3), "device": device_name(device),
             "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
             "heads": args.heads, "dtype": args.dtype, "pairs": args.pairs,
             "threads": torch.get_num_threads()}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores)"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpo_fast.train.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=128_256)
     p.add_argument("--hidden", type=int, default=128)
@@ -233,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for case in CASES:
-        cmd = [sys.executable, "-m", "mpo_fast.train.compare", "--case", case,
+        cmd = [sys.executable, "-m", "bench.train_step", "--case", case,
                *[f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "heads",
                                                        "dtype", "pairs", "repeats", "seed")]]
         proc = subprocess.run(cmd, capture_output=True, text=True)

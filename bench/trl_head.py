@@ -1,14 +1,16 @@
 """CPU comparison: one TRL DPO step with TRL 1.16's own chunked fused head vs FusedDPOTrainer.
 
-    python3 -m mpo_fast.integrations._compare [--vocab 151646] [--hidden 128] [--pairs 4]
-                                              [--prompt 192] [--completion 64] [--steps 3]
+    python -m bench.trl_head [--vocab 151646] [--hidden 128] [--pairs 4]
+                             [--prompt 192] [--completion 64] [--steps 3]
 
-Each variant runs in its own process (clean RSS): a tiny random-init Llama (2 layers, the given
-hidden size, a Qwen2-sized vocabulary of 151,646), a separate reference model, MPO loss types
-["sigmoid", "bco_pair", "sft"] / [0.8, 0.2, 1.0], AdamW, fp32. After one warm-up step, a
-callback times each step and a sampler thread records the process RSS every millisecond:
-peak RSS during the steps minus the RSS before them is the step's extra memory (activations,
-the heads' workspaces, gradients; parameters and optimizer state already exist).
+Each variant runs in its own process (clean RSS): the bundled tiny random-init Llama
+(`mpo_fast.data.tiny.tiny_lm`, 2 layers, untied head, the given hidden size, a Qwen2-sized
+vocabulary of 151,646) with its word-level tokenizer (prompts and answers of random number
+words), a separate reference model, MPO loss types ["sigmoid", "bco_pair", "sft"] / [0.8, 0.2,
+1.0], AdamW, fp32. After one warm-up step, a callback times each step; the peak resident set
+during the steps minus the resident set before them is the steps' extra memory
+(`mpo_fast.measure.peak_start` / `peak_since`: activations, the heads' workspaces, gradients;
+parameters and optimizer state already exist).
 
 Variants: "trl" (trl.DPOTrainer: `add_fused_lm_head`, 4096 x 32768 tiles; on the CPU it scores
 every position, prompt and padding included), "fused" (FusedDPOTrainer, its default: the TRL
@@ -20,31 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from mpo_fast.measure import device_name, peak_since, peak_start
+
 VARIANTS = ("trl", "fused", "fused_nometrics")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _Sampler(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
 
 
 def run_variant(variant: str, opts) -> dict:
@@ -53,31 +39,31 @@ def run_variant(variant: str, opts) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from mpo_fast.integrations import _tiny
+    from mpo_fast.data import tiny
     from mpo_fast.integrations.trl import FusedDPOTrainer
 
-    torch.manual_seed(0)
-    tok = _tiny.tokenizer()
-    model = _tiny.causal_lm(tok, vocab_size=opts.vocab, hidden_size=opts.hidden)
-    ref = _tiny.causal_lm(tok, vocab_size=opts.vocab, hidden_size=opts.hidden)
-    letters = "abcdefghij "
+    tok = tiny.tiny_tokenizer()
+    model = tiny.tiny_lm(tok, hidden=opts.hidden, vocab_size=opts.vocab, tied=False, seed=0)
+    ref = tiny.tiny_lm(tok, hidden=opts.hidden, vocab_size=opts.vocab, tied=False, seed=1)
     g = torch.Generator().manual_seed(1)
 
-    def text(n):
-        return "".join(letters[i] for i in torch.randint(0, len(letters), (n,), generator=g))
+    def text(n):  # n number words: n tokens
+        return " " + " ".join(map(str, torch.randint(0, tiny.NUM_VALUES, (n,), generator=g)
+                                  .tolist()))
 
     rows = [{"prompt": text(opts.prompt), "chosen": text(opts.completion),
              "rejected": text(opts.completion - 8 * (i % 2))}
             for i in range(opts.pairs * (opts.steps + 1))]
 
+    cpu = torch.device("cpu")
+
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.sampler, self.base = [], None, 0
+            self.times, self.base = [], 0
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 1:  # after the warm-up step
-                self.base, self.sampler = _rss(), _Sampler()
-                self.sampler.start()
+                self.base = peak_start(cpu)
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -96,11 +82,10 @@ def run_variant(variant: str, opts) -> dict:
         trainer = cls(model=model, ref_model=ref, args=args, processing_class=tok,
                       train_dataset=Dataset.from_list(rows), callbacks=[timer], **extra)
         trainer.train()
-    timer.sampler.stop.set()
-    timer.sampler.join()
+        extra_bytes = peak_since(cpu, timer.base)
     logs = trainer.state.log_history
     return {"variant": variant, "step_s_median": statistics.median(timer.times),
-            "step_s": timer.times, "extra_rss_mb": (timer.sampler.peak - timer.base) / 2**20,
+            "step_s": timer.times, "extra_rss_mb": extra_bytes / 2**20,
             "rss_before_mb": timer.base / 2**20, "first_loss": logs[0]["loss"],
             "threads": torch.get_num_threads()}
 
@@ -121,13 +106,13 @@ def main(argv=None):
     args = [a for a in (argv if argv is not None else sys.argv[1:])]
     results = []
     for variant in VARIANTS:
-        done = subprocess.run([sys.executable, "-m", "mpo_fast.integrations._compare",
+        done = subprocess.run([sys.executable, "-m", "bench.trl_head",
                                "--variant", variant, *args], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     tokens = opts.pairs * 2 * (opts.prompt + opts.completion)
-    print(f"CPU, {os.cpu_count()} cores; V={opts.vocab:,} H={opts.hidden} "
+    print(f"{device_name('cpu')}; V={opts.vocab:,} H={opts.hidden} "
           f"{opts.pairs} pairs/step, ~{tokens} tokens/step (prompt {opts.prompt}, completion "
           f"{opts.completion}); median of {opts.steps} steps after a warm-up step")
     print(f"{'variant':<16} {'step s':>8} {'extra RSS MB':>13} {'first loss':>11}")

@@ -21,6 +21,13 @@ FLOPs: 2MHV per product, 6MHV for the backward (recompute + two products), all o
 cores for half-precision inputs. Storing `da` in bf16/fp16 rounds it to 8/11 bits before the
 products, as any half-precision matmul does; accumulation stays fp32.
 
+fp16: its smallest normal is 6.1e-5 (bf16's is 1.2e-38), so `da = g p` with a small upstream
+gradient (an SFT token mean over N tokens gives g ~ 1/N) would land in fp16's subnormals or
+flush to zero, dropping the softmax tail. For fp16 inputs the kernel therefore writes
+`da * s` with s = 2^-e, e = the exponent of max|g| (exact, no host sync): |da s| <= 1 and the
+tail keeps fp16's 11 bits down to 6e-5 of the largest entry. dH and db are unscaled in fp32
+and dW is formed in an fp32 [S, H] block and unscaled before its single rounding to fp16.
+
 Workspace: DA is M x S in the input dtype, S = the largest multiple of 256 vocab rows with
 M * S * itemsize <= MPO_FAST_WORKSPACE_MB (default 256 MiB), at least 256 rows, at most V
 (rounded up to 256).
@@ -157,6 +164,11 @@ def backward(
         _launch_logit_grad(cfg, h_rows, weight, bias, targets, lse, grad, da, db, v0, count,
                            inv_temp, softcap)
 
+    unscale = None
+    if dtype == torch.float16:  # module doc: keep da in fp16's normal range
+        exponent = torch.frexp(grad.abs().amax())[1]
+        grad = torch.ldexp(grad, -exponent)
+        unscale = torch.ldexp(torch.ones((), device=dev), exponent)
     buffers: dict[configs.TileConfig, torch.Tensor] = {}
     cfg = configs.choose("backward", dtype, M, Hdim, V, flags, dev, run)
     for v0 in range(0, V, S):
@@ -165,11 +177,17 @@ def backward(
         block = da[:, :count]
         if need_h:
             _accumulate_mm(gh, block, weight[v0:v0 + count])
-        if need_w:
+        if need_w and unscale is not None:
+            gw[v0:v0 + count] = _mm_fp32(block.T, h_rows).mul_(unscale)
+        elif need_w:
             torch.mm(block.T, h_rows, out=gw[v0:v0 + count])
         if need_b:
             torch.sum(buffers[cfg][:, :count], dim=0, out=gb[v0:v0 + count])
 
+    if unscale is not None:
+        for acc in (gh, gb):
+            if acc is not None:
+                acc.mul_(unscale)
     if need_h:
         gh = gh.to(dtype) if all_rows else torch.zeros_like(hidden).index_copy_(
             0, rows, gh.to(dtype))
@@ -201,6 +219,13 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))  # older torch: the product is rounded to the input dtype
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as an fp32 matrix, with fp32 accumulation whatever the operands' dtype."""
+    out = torch.zeros((a.shape[0], b.shape[1]), device=a.device, dtype=torch.float32)
+    _accumulate_mm(out, a, b)
+    return out
 
 
 @functools.cache

@@ -1,5 +1,6 @@
-"""How a step's time and peak extra memory are measured: one implementation for the benchmarks
-(bench/measure.py) and the trainer's comparisons (mpo_fast.train.compare, the demo).
+"""How a step's time and peak extra memory are measured, and what the device is called: one
+implementation for the benchmarks (bench/, which adds the matmul rate and process isolation)
+and the trainer's demo (`cost`).
 
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
   the CPU (where the op is synchronous).
@@ -14,13 +15,16 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["peak_extra_bytes", "pin_mmap_threshold", "sync", "time_ms"]
+__all__ = ["cost", "device_name", "peak_extra_bytes", "peak_since", "peak_start",
+           "pin_mmap_threshold", "sync", "time_ms"]
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -57,20 +61,31 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by one call of `step` beyond what existed before it."""
+def peak_start(device: torch.device) -> int:
+    """Start a peak-memory measurement (the peak counter reset); returns the baseline bytes
+    for `peak_since`. For steps run by someone else's loop (a Trainer callback)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.memory_allocated(device)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current VmRSS
-    before = _proc_status_kib("VmRSS")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_since(device: torch.device, baseline: int) -> int:
+    """Peak bytes allocated since `peak_start` returned ``baseline``, beyond it."""
+    if device.type == "cuda":
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return max(0, _proc_status_kib("VmHWM") * 1024 - baseline)
+
+
+def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by one call of `step` beyond what existed before it."""
+    baseline = peak_start(device)
     step()
-    return max(0, _proc_status_kib("VmHWM") - before) * 1024
+    return peak_since(device, baseline)
 
 
 def pin_mmap_threshold(nbytes: int = 128 * 1024) -> None:
@@ -79,3 +94,30 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def cost(step: Callable[[], object], repeats: int = 3, device: torch.device | str = "cpu"
+         ) -> dict:
+    """{"ms": median time, "peak_mib": peak extra memory} of ``step()`` after one warm-up
+    run, with glibc's mmap threshold pinned (`pin_mmap_threshold`)."""
+    device = torch.device(device)
+    pin_mmap_threshold()
+    step()
+    peak = peak_extra_bytes(step, device)
+    return {"ms": time_ms(step, device, warmup=0, repeats=repeats), "peak_mib": peak / 2**20}
+
+
+def device_name(device: torch.device | str) -> str:
+    """What every result names its device by: the CUDA card's name, or the CPU's model name
+    and core count (from /proc/cpuinfo where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"

@@ -22,7 +22,11 @@ from .layout import Segments
 from .logprobs import _check_inputs, fused_logprobs_at, resolve_backend, scored_rows
 from .losses import MPO_LOSS_TYPES, LossConfig, check_sft_tokens, new_bco_state
 
-__all__ = ["HeadConfig", "MPOLoss", "MPOOutput"]
+__all__ = ["LOSS_STATE_FILE", "HeadConfig", "MPOLoss", "MPOOutput", "load_loss_state",
+           "save_loss_state"]
+
+LOSS_STATE_FILE = "loss.safetensors"  # MPOLoss's state beside any checkpoint
+_LEGACY_LOSS_STATE_FILE = "mpo_loss.pt"  # what the drop-ins wrote before (a torch.save)
 
 
 @dataclass
@@ -235,3 +239,44 @@ def _packed_row(hidden, targets, ref_hidden, cu_seqlens):
 def _check_even(S: int) -> None:
     if S < 2 or S % 2:
         raise ValueError(f"need 2B sequences (B chosen then B rejected), got {S}")
+
+
+# --------------------------------------------------------------------------- loss state
+
+
+def save_loss_state(loss_fn: MPOLoss, folder: str) -> str:
+    """Write ``loss_fn.state_dict()`` (the BCO running mean and count, float64 [2]) into
+    ``folder`` as safetensors (`LOSS_STATE_FILE`): tensors only, nothing that runs code when
+    read. Every kind of checkpoint keeps the loss's state this way. Returns the file's path."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, LOSS_STATE_FILE)
+    state = {k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()}
+    save_file(state, path)
+    return path
+
+
+def load_loss_state(loss_fn: MPOLoss, folder: str) -> bool:
+    """Restore ``loss_fn``'s state from ``folder``: `LOSS_STATE_FILE`, or an older
+    ``mpo_loss.pt`` (read with ``torch.load(weights_only=True)``). Keys may carry the prefix of
+    the module that held the loss (the trainer's ``loss_fn.``). False when neither file is
+    there."""
+    import os
+
+    path = os.path.join(folder, LOSS_STATE_FILE)
+    legacy = os.path.join(folder, _LEGACY_LOSS_STATE_FILE)
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    elif os.path.exists(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        return False
+    own = loss_fn.state_dict().keys()
+    state = {next((k for k in own if key == k or key.endswith("." + k)), key): value
+             for key, value in state.items()}
+    loss_fn.load_state_dict(state)
+    return True

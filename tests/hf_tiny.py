@@ -1,5 +1,5 @@
-"""Tiny random-init models, a character tokenizer and a toy preference set, for the
-integration tests, the README blocks' test and the CPU comparison (no download, seconds on CPU).
+"""Test fixtures: tiny random-init models, a character tokenizer and a toy preference set, for
+the integration tests and the README blocks' test (no download, seconds on a CPU).
 
     tokenizer()                 character-level PreTrainedTokenizerFast (printable ASCII + specials)
     causal_lm(tok, **config)    LlamaForCausalLM, hidden 32, 2 layers, the tokenizer's vocabulary

@@ -10,10 +10,9 @@ import torch
 
 pytest.importorskip("datasets")
 
+import hf_tiny as _tiny
 import transformers
 from test_readme import README, needs_hub, python_blocks
-
-from mpo_fast.integrations import _tiny
 
 HUB_BLOCKS = [(line, code) for line, code in python_blocks(README.read_text()) if needs_hub(code)]
 BLOCKS = [code for _, code in HUB_BLOCKS]

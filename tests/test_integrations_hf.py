@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("datasets")
 
+import hf_tiny as _tiny
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mpo_fast import MPOLoss
-from mpo_fast.integrations import _tiny
 from mpo_fast.integrations.hf import MPOTrainer, PreferenceCollator, patch_model, unpatch_model
+from mpo_fast.layout import Segments
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +238,10 @@ def test_collator_layouts(tok):
     padded = PreferenceCollator(tokenizer=tok)(rows)
     packed = PreferenceCollator(tokenizer=tok, packed=True)(rows)
     lengths = padded["attention_mask"].sum(1)
-    assert packed["cu_seqlens"].tolist() == [0, *lengths.cumsum(0).tolist()]
-    assert packed["max_seqlen"] == int(lengths.max())
+    segs = packed["cu_seqlens"]  # the packer's Segments, handed through
+    assert isinstance(segs, Segments)
+    assert segs.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()]
+    assert segs.max_seqlen == int(lengths.max()) and segs.num_tokens == int(lengths.sum())
     real = padded["attention_mask"].bool()
     assert torch.equal(packed["input_ids"][0], padded["input_ids"][real])
     shifted = F.pad(padded["labels"][:, 1:], (0, 1), value=-100)
@@ -247,3 +250,19 @@ def test_collator_layouts(tok):
         for r, key in ((i, "chosen"), (3 + i, "rejected")):
             scored = padded["labels"][r][padded["labels"][r] != -100]
             assert tok.decode(scored) == row[key] + tok.eos_token
+
+
+def test_caller_offsets_are_checked(tok):
+    """Bare int32 offsets from a caller go through Segments.from_cu_seqlens (checked): offsets
+    that do not end at the tokens' count are an error naming them, never a silent mis-split."""
+    model = _tiny.causal_lm(tok)
+    patch_model(model)
+    packed = PreferenceCollator(tokenizer=tok, packed=True)(
+        _tiny.pairs(2, seed=int(torch.randint(0, 2**31, ()))))
+    segs = packed.pop("cu_seqlens")
+    good = model(**packed, cu_seqlens=segs.cu_seqlens.clone()).log_probs
+    assert torch.equal(good, model(**packed, cu_seqlens=segs).log_probs)
+    bad = segs.cu_seqlens.clone()
+    bad[-1] -= 1
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model(**packed, cu_seqlens=bad)

@@ -22,14 +22,17 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+import hf_tiny as _tiny
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from mpo_fast import MPOLoss, packing
-from mpo_fast.integrations import _head, _tiny
+from mpo_fast.integrations import _head
 from mpo_fast.integrations import trl as fused_trl
 from mpo_fast.integrations.trl import FusedDPOTrainer, check_trl_version
+from mpo_fast.mpo import LOSS_STATE_FILE
 
 MPO = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
 
@@ -265,7 +268,7 @@ def test_bco_running_mean(text_setup, tmp_path):
     state = trainer.mpo_loss.bco_state.clone()
     assert state[0].item() == pytest.approx(batch_mean, rel=1e-5, abs=1e-7)
     assert set(logs) - set(trl_logs) == {"bco/delta"}
-    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "mpo_loss.pt", weights_only=True)
+    saved = load_file(tmp_path / "out" / "checkpoint-1" / LOSS_STATE_FILE)  # no pickle
     assert torch.equal(saved["bco_state"], state)
     trainer.evaluate(Dataset.from_list(rows))
     assert torch.equal(trainer.mpo_loss.bco_state, state)

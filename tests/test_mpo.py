@@ -455,3 +455,36 @@ def test_preference_loss_bad_inputs():
         preference_loss(c, c[:2], c, c)
     with pytest.raises(ValueError, match="ipo needs chosen_lengths"):
         preference_loss(c, c, c, c, loss_types=("ipo",), loss_weights=(1.0,))
+
+
+# --------------------------------------------------------------------------- loss state
+
+
+def test_loss_state_round_trips_as_safetensors_and_old_pt_files_load(tmp_path):
+    """One format beside every checkpoint: loss.safetensors (tensors only); an older drop-in
+    checkpoint's mpo_loss.pt still loads (read with weights_only=True), and the trainer's
+    ``loss_fn.``-prefixed keys too."""
+    from safetensors.torch import load_file, save_file
+
+    from mpo_fast.mpo import LOSS_STATE_FILE, load_loss_state, save_loss_state
+
+    fn = MPOLoss()
+    fn.bco_state.copy_(torch.rand(2, dtype=torch.float64))
+    path = save_loss_state(fn, str(tmp_path))
+    assert path.endswith(LOSS_STATE_FILE) and torch.equal(load_file(path)["bco_state"],
+                                                           fn.bco_state)
+    back = MPOLoss()
+    assert load_loss_state(back, str(tmp_path)) and torch.equal(back.bco_state, fn.bco_state)
+
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(fn.state_dict(), old / "mpo_loss.pt")
+    back = MPOLoss()
+    assert load_loss_state(back, str(old)) and torch.equal(back.bco_state, fn.bco_state)
+
+    trainer = tmp_path / "trainer"
+    trainer.mkdir()
+    save_file({"loss_fn.bco_state": fn.bco_state}, str(trainer / LOSS_STATE_FILE))
+    back = MPOLoss()
+    assert load_loss_state(back, str(trainer)) and torch.equal(back.bco_state, fn.bco_state)
+    assert not load_loss_state(MPOLoss(), str(tmp_path / "nothing-here"))

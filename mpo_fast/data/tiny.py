@@ -12,8 +12,9 @@ chosen answer is the right number, the rejected one another number of the list. 
 one token, so greedy decoding is checked exactly (`answer_of`).
 
 Models: `tiny_lm` (a Llama with tied embeddings) and `tiny_internvl` (InternVL as implemented
-in transformers, with `TinyVLProcessor`, a stand-in for InternVLProcessor that expands
-"<IMG_CONTEXT>" into "<img> <IMG_CONTEXT>*k </img>" and turns images into pixel_values).
+in transformers, with `TinyVLProcessor`, the package's one stand-in for InternVLProcessor,
+which expands "<IMG_CONTEXT>" into "<img> <IMG_CONTEXT>*k </img>" and turns images into
+pixel_values; the pair pipeline's tiny model uses it too).
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ def tiny_tokenizer():
 
 
 def tiny_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-            vocab_size: int | None = None, seed: int = 0):
-    """A random-init Llama causal LM with tied input/output embeddings."""
+            vocab_size: int | None = None, tied: bool = True, seed: int = 0):
+    """A random-init Llama causal LM, its input/output embeddings tied unless ``tied=False``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size or _round_up(len(tokenizer), 8),
                       hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -88,39 +89,75 @@ def tiny_internvl(tokenizer, *, image_size: int = 28, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(cfg)
-    return model, TinyVLProcessor(tokenizer, image_size, cfg.image_seq_length)
+    return model, TinyVLProcessor(tokenizer, image_size, cfg.image_seq_length, sep=" ")
+
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 class TinyVLProcessor:
-    """What InternVLProcessor does, for the tiny tokenizer: each "<IMG_CONTEXT>" of the text
-    becomes "<img> <IMG_CONTEXT>*k </img>" and each image one 3 x S x S tile of pixel_values
-    (resized, scaled to [-1, 1])."""
+    """InternVL's processor conventions for a tiny tokenizer, without torchvision: the one
+    stand-in for InternVLProcessor, used by the trainer's bundled InternVL (`tiny_internvl`)
+    and the pair pipeline's miniature (`mpo_fast.pairs.tiny`).
 
-    image_token = "<IMG_CONTEXT>"
-    chat_template = None
+    Text: each "<IMG_CONTEXT>" becomes "<img>" + "<IMG_CONTEXT>" * ``image_seq_length`` +
+    "</img>", the pieces joined by ``sep`` (" " for a word-level tokenizer that splits on
+    spaces, "" for one whose image tokens are special tokens). Images: one 3 x S x S tile each
+    (resized, scaled to [-1, 1]) in ``pixel_values`` [num_images, 3, S, S] float32.
 
-    def __init__(self, tokenizer, image_size: int, image_seq_length: int):
+    It has the interface `mpo_fast.data.collate.PairTokenizer` uses (``image_token``,
+    ``image_token_ids``: every token of an expanded image, which truncation must never cut;
+    one image list per text) and the pair pipeline's `Generator` uses (``image_processor``,
+    ``tokenizer``, ``chat_template``, ``apply_chat_template``, batched ``__call__``).
+    """
+
+    image_token = IMG_CONTEXT  # the placeholder in the text, as InternVLProcessor's
+
+    def __init__(self, tokenizer, image_size: int = 32, image_seq_length: int = 16,
+                 sep: str = ""):
         self.tokenizer, self.image_size, self.image_seq_length = (tokenizer, image_size,
                                                                   image_seq_length)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.image_token_ids = [self.image_token_id,
-                                *tokenizer.convert_tokens_to_ids(["<img>", "</img>"])]
+        self.sep = sep
+        self.image_processor = self  # marks a vision-language processor for `Generator`
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.image_token_ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_CONTEXT, IMG_END])
 
-    def __call__(self, text, images, return_tensors="pt", add_special_tokens=True):
-        import numpy as np
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
 
-        (text,), (images,) = text, images
-        if text.count(self.image_token) != len(images):
-            raise ValueError(f"{text.count(self.image_token)} image tokens for {len(images)} "
+    def expand(self, text: str) -> str:
+        """``text`` with every image placeholder expanded to the image's tokens."""
+        tile = self.sep.join([IMG_START, *[IMG_CONTEXT] * self.image_seq_length, IMG_END])
+        return text.replace(IMG_CONTEXT, f"{self.sep}{tile}{self.sep}")
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """[num_images, 3, S, S] float32 in [-1, 1]."""
+        tiles = []
+        for im in images:
+            im = im.convert("RGB")
+            if im.size != (self.image_size, self.image_size):
+                im = im.resize((self.image_size, self.image_size))
+            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            tiles.append(t.view(self.image_size, self.image_size, 3).permute(2, 0, 1))
+        return torch.stack(tiles).float() / 127.5 - 1.0
+
+    def __call__(self, text, images=None, padding=True, return_tensors: str = "pt",
+                 add_special_tokens: bool = False, **kwargs):
+        """Token ids (placeholders expanded) and pixel_values; ``text`` a string or a list,
+        ``images`` flat in text order or one list per text (as `PairTokenizer` passes them)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [im for x in images or () for im in (x if isinstance(x, (list, tuple)) else [x])]
+        placeholders = sum(t.count(IMG_CONTEXT) for t in texts)
+        if placeholders != len(images):
+            raise ValueError(f"{placeholders} {IMG_CONTEXT} placeholders but {len(images)} "
                              "images")
-        tile = f" <img> {' '.join([self.image_token] * self.image_seq_length)} </img> "
-        ids = self.tokenizer(text.replace(self.image_token, tile),
-                             add_special_tokens=add_special_tokens)["input_ids"]
-        size = (self.image_size, self.image_size)
-        pixels = [torch.from_numpy(np.asarray(im.convert("RGB").resize(size), dtype=np.float32))
-                  for im in images]
-        pixels = torch.stack(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
-        return {"input_ids": torch.tensor([ids]), "pixel_values": pixels}
+        out = dict(self.tokenizer([self.expand(t) for t in texts], padding=padding,
+                                  return_tensors=return_tensors,
+                                  add_special_tokens=add_special_tokens))
+        if images:
+            out["pixel_values"] = self.pixel_values(images)
+        return out
 
 
 def make_task(n: int, seed: int, *, exclude: frozenset = frozenset(),

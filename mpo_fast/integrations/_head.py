@@ -1,5 +1,9 @@
 """The fused LM head inside a Hugging Face model's forward (shared by `hf` and `trl`).
 
+What a model's head is (backbone, LM head, logit scale and soft-cap, head precision, M-RoPE,
+images once, token statistics) is `mpo_fast.hf_model`, the seam the trainer's `MPOModel`
+uses too; this module is only the forward swap and its call conventions.
+
 `install(model, ...)` replaces the model instance's ``forward`` (not its class) with one that,
 when asked for a training forward, runs the backbone (``model.base_model``: for a VLM that
 includes the image injection), and turns the final hidden states into what the caller needs
@@ -24,8 +28,9 @@ Label conventions (as TRL's ``add_fused_lm_head`` and HF's losses):
                  outputs are [B, T - 1]
     shift_labels [B, T] already shifted; per-token outputs are [B, T]
     cu_seqlens   packed rows: input_ids [1, N] (+ position_ids), shift_labels [1, N] shifted
-                 inside each sequence (`mpo_fast.packing.shift_targets`); cu_seqlens int32
-                 [S + 1] and max_seqlen describe the sequences (trusted, not read back)
+                 inside each sequence (`mpo_fast.packing.shift_targets`); cu_seqlens the
+                 packer's `mpo_fast.Segments` (trusted, not read back) or int32 offsets
+                 [S + 1] (checked by `Segments.from_cu_seqlens`: one host read)
 
 Options fixed at install time (`FusedHead`): which per-token statistics to return (entropy,
 mean logit, top-1 hit, log sum p^2: one extra no-grad pass over the vocabulary, chunked),
@@ -36,10 +41,9 @@ keeps attention inside each sequence, and the flash-attention implementations or
 images once when the collator repeated them for chosen and rejected, the temperature, the
 fp32 head of TRL's ``cast_lm_head_to_fp32``, and the kernel backend.
 
-Precision: the head runs with autocast off. Under autocast it computes in the autocast dtype
-(as TRL's head does), else in the LM-head weight's dtype; accumulation is fp32 either way.
-The model's ``final_logit_softcapping`` and logit scale (``logit_scale``, ``output_multiplier``,
-``lm_head_multiplier``, ``logits_scaling``) are read from its config as TRL reads them.
+Precision (`mpo_fast.hf_model.head_precision`): autocast off; the operands in the autocast
+dtype under autocast (as TRL's head), else in the LM-head weight's dtype; the logits are
+accumulated and soft-maxed in fp32, never rounded to bf16 (TRL's head rounds them).
 """
 
 from __future__ import annotations
@@ -48,27 +52,24 @@ import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from transformers.utils import ModelOutput
 
-from .. import attention, packing
+from .. import attention, hf_model, packing
+from ..hf_model import IGNORE_INDEX, STATISTICS
 from ..layout import Segments
 from ..logprobs import fused_logprobs
-from ..mpo import MPOLoss
+from ..mpo import MPOLoss, load_loss_state, save_loss_state
 
-__all__ = ["LOSS_STATE_FILE", "STATISTICS", "FusedHead", "FusedOutput", "frozen_loss_state",
-           "install", "installed", "load_loss_state", "save_loss_state",
-           "token_statistics", "uninstall"]
+__all__ = ["STATISTICS", "FusedHead", "FusedOutput", "frozen_loss_state", "install",
+           "installed", "load_checkpoint_loss_state", "save_checkpoint_loss_state",
+           "uninstall"]
 
-IGNORE_INDEX = -100
-STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 OUTPUTS = ("log_probs", "hidden_states", *STATISTICS)
 # attention implementations that already honour packed rows (cu_seq_lens_q / position_ids)
 _PACKED_CAPABLE = ("flash_attention_2", "flash_attention_3", attention.ATTENTION_NAME)
-_STATS_WORKSPACE_BYTES = 256 * 2**20  # bound of the statistics pass's fp32 logits tiles
 
 
 @dataclass
@@ -132,27 +133,6 @@ class FusedHead:
         return tuple(o for o in self.outputs if o in STATISTICS)
 
 
-@dataclass(frozen=True)
-class _Logits:
-    """How the model's config shapes its logits: z = softcap*tanh(scale*(h W^T + b)/softcap)."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def of(cls, text_config) -> _Logits:
-        scale = getattr(text_config, "logit_scale", None)
-        if scale is None:
-            scale = getattr(text_config, "output_multiplier", None)
-        if scale is None:
-            scale = getattr(text_config, "lm_head_multiplier", None)
-        if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-            s = text_config.logits_scaling
-            scale = s if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / s
-        return cls(1.0 if scale is None else float(scale),
-                   getattr(text_config, "final_logit_softcapping", None))
-
-
 # --------------------------------------------------------------------------- install / undo
 
 
@@ -161,11 +141,8 @@ def install(model: torch.nn.Module, head: FusedHead | None = None, **options) ->
     forward; ``options`` are `FusedHead` fields. Installing again replaces the options (the
     original forward is kept). Returns the options in force."""
     head = replace(head or FusedHead(), **options) if options else (head or FusedHead())
-    if model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head): the fused "
-                         "head needs a causal LM / image-text-to-text model")
-    if not hasattr(model, "base_model"):
-        raise ValueError(f"{type(model).__name__} has no `base_model` (the backbone to run)")
+    hf_model.lm_head(model)  # raise now, naming the model, if it has no LM head
+    hf_model.backbone(model)  # or no backbone
     state = model.__dict__.get("_mpo_fast_head")
     if state is None:
         previous = model.__dict__.get("forward")  # an instance-level forward someone set before
@@ -206,8 +183,8 @@ class _Call:
     ref_hidden: torch.Tensor | None = None  # the reference's hidden states, same layout
     ref_weight: torch.Tensor | None = None  # the reference's LM head
     ref_bias: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int | None = None
+    cu_seqlens: Segments | torch.Tensor | None = None  # the caller's packing
+    max_seqlen: int | None = None  # accepted; the Segments know it (or it is read and checked)
     return_hidden_states: bool = False  # this call: the backbone's output only
     return_sequence_logps: bool = False  # also [S] sums, reduced as MPOLoss reduces them
 
@@ -275,27 +252,27 @@ def _run(model, head: FusedHead, args, kwargs, call: _Call) -> FusedOutput:
         if args:
             raise TypeError("the fused forward takes input_ids positionally, the rest by name")
     layout = _layout(model, head, kwargs, call)
+    base = hf_model.backbone(model)
     if head.encode_images_once:
-        _encode_images_once(model.base_model, kwargs)
-    backbone = model.base_model(**kwargs)
+        _encode_images_once(base, kwargs)
+    backbone = base(**kwargs)
     hidden = backbone.last_hidden_state
     if call.mpo_loss is None and (call.return_hidden_states or "hidden_states" in head.outputs):
         return FusedOutput(last_hidden_state=hidden,
                            label_mask=layout.per_token(layout.targets != IGNORE_INDEX))
 
-    logits = _Logits.of(text_config)
-    lm_head = model.get_output_embeddings()
-    weight, bias = _full(lm_head.weight), _full(lm_head.bias)
+    logits = hf_model.logit_shape(model)
+    weight, bias = hf_model.lm_head(model)
     targets = layout.targets.to(weight.device)
-    with _head_precision(weight, head.fp32) as dtype:
-        h, w, b = _prepared(hidden, weight, bias, dtype, logits.scale)
+    with hf_model.head_precision(weight.device, fp32=head.fp32) as dtype:
+        h, w, b = hf_model.prepare(hidden, weight, bias, dtype, logits.scale)
         out = FusedOutput()
         if call.mpo_loss is not None:
-            _check_loss_head(call.mpo_loss, head, logits)
+            hf_model.check_loss_head(call.mpo_loss, model, head.temperature)
             ref = {"ref_logps": call.ref_logps}
             if call.ref_hidden is not None:
-                rh, rw, rb = _prepared(call.ref_hidden, _full(call.ref_weight),
-                                       _full(call.ref_bias), dtype, logits.scale)
+                rh, rw, rb = hf_model.prepare(call.ref_hidden, hf_model.whole(call.ref_weight),
+                                              hf_model.whole(call.ref_bias), dtype, logits.scale)
                 ref = {"ref_hidden": rh, "ref_weight": rw, "ref_bias": rb}
             res = call.mpo_loss(h, w, targets, cu_seqlens=layout.segments, bias=b, **ref)
             out.loss, out.metrics = res.loss, res.metrics
@@ -312,7 +289,7 @@ def _run(model, head: FusedHead, args, kwargs, call: _Call) -> FusedOutput:
             if call.return_sequence_logps:
                 out.sequence_logps = layout.sequence_sums(logp)
         if head.statistics:
-            stats = token_statistics(h, w, b, targets.view(h.shape[:-1]), head.statistics,
+            stats = hf_model.token_statistics(h, w, b, targets.view(h.shape[:-1]), head.statistics,
                                      temperature=head.temperature, softcap=logits.softcap)
             for name, value in stats.items():
                 setattr(out, name, layout.per_token(value))
@@ -325,26 +302,9 @@ def _run(model, head: FusedHead, args, kwargs, call: _Call) -> FusedOutput:
     return out
 
 
-def _full(t):
-    """FSDP2 shards parameters as DTensors: the fused op takes the whole head."""
-    return t.full_tensor() if type(t).__name__ == "DTensor" else t
-
-
-def _prepared(hidden, weight, bias, dtype, scale: float):
-    """Hidden states, weight and bias on the head's device, in its dtype, with the model's
-    logit scale folded in: s*(hW + b) = (s*h)W + s*b, so the fused op needs no extra parameter."""
-    hidden = hidden.to(weight.device, dtype)
-    weight = weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if scale == 1.0:
-        return hidden, weight, bias
-    return hidden * scale, weight, None if bias is None else bias * scale
-
-
 def _layout(model, head, kwargs, call: _Call) -> _Layout:
     """Work out the targets and the packing of this call; edits ``kwargs`` for the backbone."""
     labels, shift_labels, cu_seqlens = call.labels, call.shift_labels, call.cu_seqlens
-    max_seqlen = call.max_seqlen
     if labels is not None and shift_labels is not None:
         raise ValueError("pass labels (unshifted) or shift_labels (shifted), not both")
     if cu_seqlens is not None:  # the caller packed the batch
@@ -353,12 +313,9 @@ def _layout(model, head, kwargs, call: _Call) -> _Layout:
                              "inside each sequence (mpo_fast.packing.shift_targets)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError("a packed call (cu_seqlens) takes no attention_mask")
-        _refuse_mrope(model)
+        hf_model.check_packable(model)
         _check_packed_attention(model)
-        N = shift_labels.numel()
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        segs = Segments(cu_seqlens, N, int(max_seqlen))
+        segs = _caller_segments(cu_seqlens, shift_labels)
         kwargs.update(attention.attention_kwargs(segs))
         return _Layout(shift_labels.reshape(-1), tuple(shift_labels.shape), segs)
     if labels is None and shift_labels is None:
@@ -379,9 +336,24 @@ def _layout(model, head, kwargs, call: _Call) -> _Layout:
     return _pack_call(model, kwargs, targets, mask, drop_last)
 
 
+def _caller_segments(cu_seqlens, shift_labels: torch.Tensor) -> Segments:
+    """The caller's packing as `Segments`: a `Segments` (the packer's, e.g. from
+    `hf.PreferenceCollator`) is trusted and only moved to the tokens' device; bare int32
+    offsets go through `Segments.from_cu_seqlens`, the one checked constructor (one host read)."""
+    N, device = shift_labels.numel(), shift_labels.device
+    if isinstance(cu_seqlens, Segments):
+        segs = cu_seqlens
+        if segs.device != device:
+            segs = Segments(segs.cu_seqlens.to(device), segs.num_tokens, segs.max_seqlen)
+    else:
+        segs = Segments.from_cu_seqlens(cu_seqlens, N, owner="shift_labels")
+    segs.check_tokens(N, device, owner="shift_labels")
+    return segs
+
+
 def _pack_call(model, kwargs, targets, mask, drop_last) -> _Layout:
     """Padding-free: the right-padded [S, T] batch becomes one row of N real tokens."""
-    _refuse_mrope(model)
+    hf_model.check_packable(model)
     _check_packed_attention(model)
     lengths = mask.sum(1)
     real = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
@@ -401,16 +373,6 @@ def _pack_call(model, kwargs, targets, mask, drop_last) -> _Layout:
     return _Layout(p.pack_like(targets), (S, T), p.segments, p, drop_last)
 
 
-def _refuse_mrope(model):
-    cfg = model.config.get_text_config()
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and "mrope_section" in rope:
-        raise NotImplementedError(
-            f"padding-free packing of {type(model).__name__}: M-RoPE models (Qwen2-VL family) "
-            "need [3 or 4, 1, N] position ids restarting per sequence, which the fused head "
-            "does not build yet; keep padding for this model")
-
-
 def _check_packed_attention(model):
     """A packed row needs attention that stays inside each sequence. transformers >= 5 builds
     that mask itself from position ids restarting at 0 (sdpa, eager, flex); the flash-attention
@@ -426,31 +388,6 @@ def _check_packed_attention(model):
             f"padding-free packing with attn_implementation={impl!r} needs transformers >= 5 "
             "(which masks packed rows by their position ids); load the model with "
             "attn_implementation='flash_attention_2' or mpo_fast.attention.register()")
-
-
-@contextlib.contextmanager
-def _head_precision(weight, fp32: bool):
-    """Yield the head's compute dtype, with autocast off inside."""
-    device_type = weight.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if fp32:
-        dtype = torch.float32
-    elif autocast:
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    with torch.autocast(device_type, enabled=False):
-        yield dtype
-
-
-def _check_loss_head(loss_fn: MPOLoss, head: FusedHead, logits: _Logits):
-    cfg = loss_fn.head_config
-    if cfg.softcap != logits.softcap or cfg.temperature != head.temperature:
-        raise ValueError(
-            f"mpo_loss's head (softcap={cfg.softcap}, temperature={cfg.temperature}) differs "
-            f"from the model's (final_logit_softcapping={logits.softcap}, temperature="
-            f"{head.temperature}); build it as MPOLoss(..., softcap={logits.softcap}, "
-            f"temperature={head.temperature})")
 
 
 def _router_loss(text_config, backbone, kwargs):
@@ -475,28 +412,23 @@ def frozen_loss_state(loss_fn: MPOLoss | None, frozen: bool):
         loss_fn.bco_state.copy_(saved.to(loss_fn.bco_state.device))
 
 
-LOSS_STATE_FILE = "mpo_loss.pt"  # the loss's state beside a Trainer checkpoint
-
-
-def save_loss_state(trainer, loss_fn: MPOLoss, trial) -> None:
-    """Write ``loss_fn``'s state (the BCO running mean) into the checkpoint folder the
-    Hugging Face ``trainer`` has just saved (call after its ``_save_checkpoint``)."""
+def save_checkpoint_loss_state(trainer, loss_fn: MPOLoss, trial) -> None:
+    """Write ``loss_fn``'s state (`mpo_fast.mpo.save_loss_state`: loss.safetensors) into the
+    checkpoint folder the Hugging Face ``trainer`` has just saved (call after its
+    ``_save_checkpoint``)."""
     import os
 
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = os.path.join(trainer._get_output_dir(trial=trial),
                           f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
-    torch.save(loss_fn.state_dict(), os.path.join(folder, LOSS_STATE_FILE))
+    save_loss_state(loss_fn, folder)
 
 
-def load_loss_state(loss_fn: MPOLoss, checkpoint: str) -> None:
-    """Restore ``loss_fn``'s state from a checkpoint folder, if it holds one."""
-    import os
-
-    path = os.path.join(checkpoint, LOSS_STATE_FILE)
-    if os.path.exists(path):
-        loss_fn.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+def load_checkpoint_loss_state(loss_fn: MPOLoss, checkpoint: str) -> None:
+    """Restore ``loss_fn``'s state from a Trainer checkpoint folder, if it holds one
+    (`mpo_fast.mpo.load_loss_state`: loss.safetensors, or an older mpo_loss.pt)."""
+    load_loss_state(loss_fn, checkpoint)
 
 
 # --------------------------------------------------------------------------- images once
@@ -527,66 +459,6 @@ def _encode_images_once(backbone, kwargs) -> bool:
         extra[name] = value
     if not torch.equal(pixels[:half], pixels[half:]):
         return False
-    features = get(pixel_values=pixels[:half], return_dict=True, **extra)
-    features.pooler_output = _twice(features.pooler_output)
     kwargs.pop("pixel_values")
-    kwargs["mm_encoder_outputs"] = {"image": features}
+    kwargs.update(hf_model.image_features_once(backbone, pixels[:half], **extra))
     return True
-
-
-def _twice(x):
-    if torch.is_tensor(x):
-        return torch.cat([x, x])
-    return type(x)([*x, *x])
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@torch.no_grad()
-def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     targets: torch.Tensor, names: Sequence[str], *, temperature: float = 1.0,
-                     softcap: float | None = None) -> dict[str, torch.Tensor]:
-    """Per-token statistics of the next-token distribution, for logging (no gradient).
-
-    Args:
-        hidden: ``[..., H]``; weight ``[V, H]``; bias ``[V]`` or None; targets ``[...]``
-            (``hidden.shape[:-1]``), -100 = skipped.
-        names: any of "entropy" (-sum p log p), "log_sum_sq_probs" (log sum p^2), "mean_logits"
-            (mean of z over the vocabulary), "is_top1" (the target is the first argmax).
-
-    Returns:
-        name -> ``targets``-shaped tensor (fp32; bool for is_top1), 0 / False where skipped.
-        z = softcap*tanh((h W^T + b)/softcap) / temperature, as `mpo_fast.fused_logprobs`.
-        Scored rows go through in chunks whose two fp32 [rows, V] tiles stay under 256 MiB:
-        one extra forward GEMM over the vocabulary (2 N H V FLOPs), no [N, V] tensor.
-    """
-    H, V = weight.shape[1], weight.shape[0]
-    flat = targets.reshape(-1)
-    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    h2 = hidden.reshape(-1, H)
-    out = {n: torch.zeros(flat.shape[0], device=flat.device,
-                          dtype=torch.bool if n == "is_top1" else torch.float32) for n in names}
-    step = max(1, _STATS_WORKSPACE_BYTES // (2 * 4 * V))  # two fp32 [rows, V] tiles: z, p
-    for start in range(0, rows.shape[0], step):
-        r = rows[start:start + step]
-        z = (h2.index_select(0, r) @ weight.T).float()
-        if bias is not None:
-            z += bias.float()
-        if softcap is not None:
-            z = torch.tanh_(z / softcap).mul_(softcap)
-        z /= temperature
-        t = flat.index_select(0, r)
-        if "mean_logits" in names:
-            out["mean_logits"][r] = z.mean(-1)
-        if "is_top1" in names:
-            out["is_top1"][r] = z.argmax(-1) == t
-        if "entropy" in names or "log_sum_sq_probs" in names:
-            peak = z.amax(-1)
-            e = (z - peak[:, None]).exp_()  # p = e / s, one exp pass
-            s = e.sum(-1)
-            if "entropy" in names:  # -sum p log p = log s + peak - sum p z
-                out["entropy"][r] = s.log() + peak - torch.linalg.vecdot(e, z) / s
-            if "log_sum_sq_probs" in names:
-                out["log_sum_sq_probs"][r] = torch.linalg.vecdot(e, e).log() - 2 * s.log()
-    return {n: v.view(targets.shape) for n, v in out.items()}

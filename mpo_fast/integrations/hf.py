@@ -27,7 +27,7 @@ is a frozen model (``ref_model``; a frozen copy of the policy is made when none 
 per-pair reference log-probs carried by the dataset (columns ``ref_chosen_logps``,
 ``ref_rejected_logps``). `PreferenceCollator` pads pairs (chosen rows, then rejected rows) or
 packs them into one padding-free row (``packed=True``: position ids restart per sequence and
-the boundaries travel as ``cu_seqlens``, so attention stays inside each sequence). Metrics are
+the boundaries travel as the packer's ``Segments``, so attention stays inside each sequence). Metrics are
 logged under TRL's names.
 """
 
@@ -41,17 +41,18 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+from .. import packing
+from ..hf_model import logit_shape
 from ..mpo import MPOLoss
 from ._head import (
     STATISTICS,
     FusedHead,
     FusedOutput,
-    _Logits,
     frozen_loss_state,
     install,
     installed,
-    load_loss_state,
-    save_loss_state,
+    load_checkpoint_loss_state,
+    save_checkpoint_loss_state,
     uninstall,
 )
 
@@ -138,7 +139,9 @@ class PreferenceCollator:
         padded  input_ids [S, T], attention_mask [S, T], labels [S, T] (unshifted, -100 on
                 prompt and padding)
         packed  input_ids [1, N], position_ids [1, N] (restarting per sequence), shift_labels
-                [1, N] (shifted inside each sequence), cu_seqlens int32 [S + 1], max_seqlen
+                [1, N] (shifted inside each sequence), cu_seqlens: the packer's
+                `mpo_fast.Segments` (offsets, N, longest sequence), all by
+                `mpo_fast.packing.pack`
         and ref_chosen_logps / ref_rejected_logps [B] when the examples have them.
     """
 
@@ -159,16 +162,18 @@ class PreferenceCollator:
             self.pad_token_id = pad
 
     def __call__(self, examples: list[dict]) -> dict:
-        seqs, masks = [], []
-        for key in ("chosen", "rejected"):
-            for ex in examples:
-                prompt, completion = self._ids(ex, key)
-                ids, done = (prompt + completion), [0] * len(prompt) + [1] * len(completion)
-                if self.max_length is not None:
-                    ids, done = ids[: self.max_length], done[: self.max_length]
-                seqs.append(ids)
-                masks.append(done)
-        batch = self._packed(seqs, masks) if self.packed else self._padded(seqs, masks)
+        rows = [self._ids(ex, key) for key in ("chosen", "rejected") for ex in examples]
+        if self.max_length is not None:  # keep the start of every sequence
+            rows = [(p[:self.max_length], c[:max(0, self.max_length - len(p))])
+                    for p, c in rows]
+        lengths = torch.tensor([len(p) + len(c) for p, c in rows])
+        ids = torch.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=torch.long)
+        completion = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, (prompt, answer) in enumerate(rows):
+            ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer, dtype=torch.long)
+            completion[i, len(prompt):len(prompt) + len(answer)] = True
+        batch = self._packed(ids, lengths, completion) if self.packed else self._padded(
+            ids, lengths, completion)
         for key in _REF_KEYS:
             if key in examples[0]:
                 batch[key] = torch.tensor([float(ex[key]) for ex in examples])
@@ -186,33 +191,18 @@ class PreferenceCollator:
             completion = [*completion, tok.eos_token_id]
         return prompt, completion
 
-    def _padded(self, seqs, masks) -> dict:
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), T), dtype=torch.long)
-        labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-            row = torch.tensor(s, dtype=torch.long)
-            ids[i, : len(s)] = row
-            attn[i, : len(s)] = 1
-            labels[i, : len(s)] = row.masked_fill(torch.tensor(m) == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    @staticmethod
+    def _padded(ids, lengths, completion) -> dict:
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # never from the ids
+        return {"input_ids": ids, "attention_mask": mask.long(),
+                "labels": ids.masked_fill(~completion, IGNORE_INDEX)}
 
-    def _packed(self, seqs, masks) -> dict:
-        ids, pos, shifted, lengths = [], [], [], []
-        for s, m in zip(seqs, masks, strict=True):
-            ids += s
-            pos += range(len(s))
-            # the token at t predicts token t + 1 of the same sequence, if it is a completion
-            shifted += [t if keep else IGNORE_INDEX for t, keep in zip(s[1:], m[1:],
-                                                                        strict=True)]
-            shifted += [IGNORE_INDEX] if s else []
-            lengths.append(len(s))
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths).cumsum(0)
-        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
-                "shift_labels": torch.tensor([shifted]), "cu_seqlens": cu,
-                "max_seqlen": max(lengths)}
+    @staticmethod
+    def _packed(ids, lengths, completion) -> dict:
+        p = packing.pack(ids, lengths)  # the one packer; its Segments travel as cu_seqlens
+        return {"input_ids": p.tokens[None], "position_ids": p.position_ids[None],
+                "shift_labels": p.shift_targets(completion, IGNORE_INDEX)[None],
+                "cu_seqlens": p.segments}
 
 
 # --------------------------------------------------------------------------- trainer
@@ -233,14 +223,14 @@ class MPOTrainer(transformers.Trainer):
         **kwargs: the rest of `transformers.Trainer`'s arguments.
 
     The loss is a per-micro-batch mean (the Trainer divides by the accumulation steps). The
-    loss's state (the BCO running mean) is saved with each checkpoint as ``mpo_loss.pt``.
+    loss's state (the BCO running mean) is saved with each checkpoint as ``loss.safetensors``.
     """
 
     loss_is_scaled_for_ga = False
 
     def __init__(self, model, args=None, *, loss_fn: MPOLoss | None = None, ref_model=None,
                  data_collator=None, train_dataset=None, processing_class=None, **kwargs):
-        softcap = _Logits.of(model.config.get_text_config()).softcap
+        softcap = logit_shape(model).softcap
         self.loss_fn = loss_fn if loss_fn is not None else MPOLoss(softcap=softcap)
         if data_collator is None:
             data_collator = PreferenceCollator(tokenizer=processing_class)
@@ -314,8 +304,8 @@ class MPOTrainer(transformers.Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            save_loss_state(self, self.loss_fn, trial)
+            save_checkpoint_loss_state(self, self.loss_fn, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_loss_state(self.loss_fn, resume_from_checkpoint)
+        load_checkpoint_loss_state(self.loss_fn, resume_from_checkpoint)

@@ -21,7 +21,7 @@ the same rows, summed by the same fused epilogue) inside ``model.forward``: unde
 LM head's gradients are reduced like every other parameter's (TRL 1.9-1.12's
 ``use_liger_kernel`` ran its loss outside the wrapper, and they never were). TRL's metrics
 (entropy, mean logits, top-1 accuracy of the chosen tokens) come from one extra no-grad pass
-over the vocabulary (`_head.token_statistics`); ``head_metrics=False`` skips it.
+over the vocabulary (`mpo_fast.hf_model.token_statistics`); ``head_metrics=False`` skips it.
 
 Supported: ``trl>=1.15,<2`` (`SUPPORTED_TRL`; tested on 1.16.0, also run on 1.15.0), checked
 when the trainer is built.
@@ -30,7 +30,7 @@ Semantics. By default the results are the installed TRL's: ``bco_pair`` has no r
 (``bco_delta="none"``; the trainer says so once, an `UnshiftedBCOWarning`), every loss type keeps
 TRL's definition, and "sft" is TRL's token mean. ``bco_delta="running_mean"``
 gives the paper's (TRL <= 0.28, InternVL) running-mean shift, kept in ``self.mpo_loss`` (saved
-with each checkpoint as ``mpo_loss.pt``). Configurations `MPOLoss` does not express — loss types
+with each checkpoint as ``loss.safetensors``). Configurations `MPOLoss` does not express — loss types
 "sigmoid_norm", f-divergences other than reverse KL, ``ld_alpha``, WPO weighting
 (``use_weighting``), "sigmoid" with ``label_smoothing`` > 0 (TRL 1.16's sigmoid ignores it),
 "robust" with ``label_smoothing`` >= 0.5, "ipo" on a batch with an empty prompt — run TRL's own
@@ -65,15 +65,15 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
+from ..hf_model import logit_shape
 from ..losses import LOSS_TYPES
 from ..mpo import MPOLoss
 from ._head import (
     FusedHead,
-    _Logits,
     frozen_loss_state,
     install,
-    load_loss_state,
-    save_loss_state,
+    load_checkpoint_loss_state,
+    save_checkpoint_loss_state,
 )
 
 __all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "UnshiftedBCOWarning", "check_trl_version",
@@ -238,12 +238,11 @@ class FusedDPOTrainer(DPOTrainer):
         finally:
             for name, value in saved.items():
                 setattr(config, name, value)
-        text_config = self.model.config.get_text_config()
         types = [_TRL_TO_MPO.get(t, t) for t in self.loss_types]
         self.mpo_loss = None if blocker else MPOLoss(
             beta=self.beta, loss_types=types, loss_weights=self.loss_weights,
             label_smoothing=self.label_smoothing, bco_delta=bco_delta,
-            softcap=_Logits.of(text_config).softcap, discopop_tau=self.args.discopop_tau,
+            softcap=logit_shape(self.model).softcap, discopop_tau=self.args.discopop_tau,
             backend=backend)
         if vision_precompute:
             self._precompute_vision_reference()
@@ -435,12 +434,12 @@ class FusedDPOTrainer(DPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.mpo_loss is not None and self._bco_delta == "running_mean" and (
                 self.args.should_save):
-            save_loss_state(self, self.mpo_loss, trial)
+            save_checkpoint_loss_state(self, self.mpo_loss, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.mpo_loss is not None:
-            load_loss_state(self.mpo_loss, resume_from_checkpoint)
+            load_checkpoint_loss_state(self.mpo_loss, resume_from_checkpoint)
 
 
 class _WithReferenceLogps:

@@ -1,9 +1,9 @@
 """A tiny vision-language model built in code (no downloads): tests and the miniature.
 
-    TinyVLProcessor  InternVL's conventions without torchvision: each "<IMG_CONTEXT>" of the
-                     text (the chat template writes one per image item) becomes
-                     "<img>" + "<IMG_CONTEXT>" * image_seq_length + "</img>", images become
-                     pixel_values [num_images, 3, S, S] (scaled to [-1, 1])
+    TinyVLProcessor  `mpo_fast.data.tiny.TinyVLProcessor` (the package's one): each
+                     "<IMG_CONTEXT>" of the text (the chat template writes one per image item)
+                     becomes "<img>" + "<IMG_CONTEXT>" * image_seq_length + "</img>", images
+                     become pixel_values [num_images, 3, S, S] (scaled to [-1, 1])
     build_tokenizer  a byte-level BPE trained on a corpus in a second, with a ChatML template
                      whose conversation ending in an answer ends at "<|im_end|>" (the newline
                      of ChatML goes before the next "<|im_start|>"), so the trainer's
@@ -13,22 +13,21 @@
                      InternViT + Qwen2) and its processor
 
 With the defaults (32 x 32 images, 4 x 4 patches, pixel-shuffle 0.5) an image is 16 tokens, one
-per 8 x 8 cell. The processor has the interface `Generator` uses (``image_processor``,
-``tokenizer``, ``chat_template``, ``apply_chat_template``, ``__call__``) and the trainer's
-`mpo_fast.data.collate.PairTokenizer` uses (``image_token``, ``image_token_ids``, one image list
-per text), so the pair pipelines and the trainer run on it exactly as on a real model's
-`AutoProcessor`.
+per 8 x 8 cell. The processor has the interface `Generator` and the trainer's
+`mpo_fast.data.collate.PairTokenizer` use, so the pair pipelines and the trainer run on it
+exactly as on a real model's `AutoProcessor`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
+from ..data.tiny import IMG_CONTEXT, IMG_END, IMG_START, TinyVLProcessor
+
 __all__ = ["CHAT_TEMPLATE", "TinyVLProcessor", "build_tiny_vlm", "build_tokenizer"]
 
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
 
 # ChatML, string or list content; "<IMG_CONTEXT>\n" per image item (InternVL's placeholder);
@@ -65,57 +64,6 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 384):
                                    eos_token="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-class TinyVLProcessor:
-    """An InternVL-style processor for the tiny model (see the module docstring)."""
-
-    def __init__(self, tokenizer, image_size: int = 32, image_seq_length: int = 16):
-        self.tokenizer = tokenizer
-        self.image_processor = self  # marks a vision-language processor for `Generator`
-        self.chat_template = tokenizer.chat_template
-        self.image_size = image_size
-        self.image_seq_length = image_seq_length
-        self.image_token = IMG_CONTEXT  # the placeholder in the text, as InternVLProcessor's
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-        # every token of an expanded image (truncation must never cut one)
-        self.image_token_ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_CONTEXT, IMG_END])
-
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def pixel_values(self, images: Sequence) -> torch.Tensor:
-        """[num_images, 3, S, S] float32 in [-1, 1]."""
-        arrays = []
-        for im in images:
-            im = im.convert("RGB")
-            if im.size != (self.image_size, self.image_size):
-                im = im.resize((self.image_size, self.image_size))
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            arrays.append(t.view(self.image_size, self.image_size, 3).permute(2, 0, 1))
-        return torch.stack(arrays).float() / 127.5 - 1.0
-
-    def expand(self, text: str) -> str:
-        tokens = IMG_START + IMG_CONTEXT * self.image_seq_length + IMG_END
-        return text.replace(IMG_CONTEXT, tokens)
-
-    def __call__(self, text: str | Sequence[str], images: Sequence | None = None,
-                 padding: bool | str = True, return_tensors: str = "pt",
-                 add_special_tokens: bool = False, **kwargs):
-        """Token ids (image placeholders expanded) and pixel_values; ``images`` flat, in text
-        order, or one list per text (as `mpo_fast.data.collate` passes them)."""
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [im for x in images or () for im in (x if isinstance(x, (list, tuple)) else [x])]
-        n_placeholders = sum(t.count(IMG_CONTEXT) for t in texts)
-        if n_placeholders != len(images):
-            raise ValueError(f"{n_placeholders} {IMG_CONTEXT} placeholders but {len(images)} "
-                             "images")
-        out = dict(self.tokenizer([self.expand(t) for t in texts], padding=padding,
-                                  return_tensors=return_tensors,
-                                  add_special_tokens=add_special_tokens))
-        if images:
-            out["pixel_values"] = self.pixel_values(images)
-        return out
 
 
 def build_tiny_vlm(tokenizer, *, image_size: int = 32, patch_size: int = 4, vision_hidden: int = 64,

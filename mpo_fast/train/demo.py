@@ -32,13 +32,14 @@ import torch
 from ..attention import attention_kwargs, model_inputs
 from ..data import tiny
 from ..data.collate import PairTokenizer, collate, micro_batches
+from ..hf_model import lm_head
 from ..losses import new_bco_state, preference_loss
+from ..measure import cost
 from ..mpo import MPOLoss
 from ..packing import pack
-from .compare import cost
 from .config import TrainConfig
 from .loop import default_output_dir, train
-from .model import lm_head, set_attention
+from .model import set_attention
 from .plot import plot_curves
 from .reference import sequence_logps
 
@@ -135,7 +136,7 @@ def greedy(model, prompts: list[list[int]], eos_id: int, max_new_tokens: int = 3
     answers are a few tokens): the generated tokens before eos."""
     seqs = [list(p) for p in prompts]
     done = [False] * len(seqs)
-    weight, _ = lm_head(model, torch.float32)
+    weight = lm_head(model)[0].float()
     for _ in range(max_new_tokens):
         lengths = torch.tensor([len(s) for s in seqs])
         ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
@@ -169,7 +170,7 @@ def compare_heads(model, examples, tokenize: PairTokenizer, pairs: int = 16) -> 
         hidden = model.base_model(input_ids=batch.input_ids[None],
                                   position_ids=batch.position_ids[None], use_cache=False,
                                   **attention_kwargs(batch.segments)).last_hidden_state[0]
-    weight, _ = lm_head(model, torch.float32)
+    weight = lm_head(model)[0].float()
     out = {"tokens": batch.num_tokens, "pairs": batch.num_pairs, "hidden": hidden.shape[-1]}
     g = torch.Generator().manual_seed(0)
     big = torch.randn(REALISTIC_VOCAB, hidden.shape[-1], generator=g) * 0.02

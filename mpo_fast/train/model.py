@@ -2,17 +2,13 @@
 matmul and the fused MPO loss, so the wrappers see (and reduce) the head's gradients.
 
     MPOModel(model, loss_fn)(batch, ref_logps) -> MPOOutput
-        hidden = backbone(batch)            model.base_model: for a VLM the backbone that
-                                            injects the image features (not get_decoder(),
-                                            the text stack only); no logits are made
+        hidden = backbone(batch)            `mpo_fast.hf_model`: the seam the drop-ins use too
+                                            (backbone, LM head, logit scale / soft-cap, head
+                                            precision, M-RoPE refusal, images once)
         loss_fn(hidden, lm_head.weight, batch.targets, cu_seqlens=batch.segments, ...)
 
-Images: each pair's images are encoded once (``base.get_image_features``) and the features
-reused for its chosen and its rejected sequence, through transformers' ``mm_encoder_outputs``
-(the sequences hold the chosen B then the rejected B, so the features appear twice, in order).
-
-Packing needs 1-D positions restarting per sequence; Qwen2-VL-style M-RoPE (3-D rotary
-positions computed by ``get_rope_index``) is refused when packing (`check_packable`).
+Images: each pair's images are encoded once and the features reused for its chosen and its
+rejected sequence (`mpo_fast.hf_model.image_features_once`).
 """
 
 from __future__ import annotations
@@ -22,13 +18,17 @@ import contextlib
 import torch
 from torch import nn
 
+from .. import hf_model
 from ..attention import attention_kwargs, register
 from ..data.collate import Batch
+from ..hf_model import backbone
 from ..mpo import MPOLoss, MPOOutput
 
 __all__ = ["MPOModel", "backbone", "check_packable", "count_calls", "enable_checkpointing",
-           "hidden_states", "image_features", "lm_head", "load", "logit_softcap",
-           "set_attention", "uses_mrope"]
+           "head_logprobs", "hidden_states", "load", "logit_softcap", "set_attention"]
+
+TRAINER_REMEDY = ("train it with packing off (--no-packing: padded batches, the model computes "
+                  "its own positions)")
 
 
 def load(name: str, seed: int = 0):
@@ -60,55 +60,48 @@ def load(name: str, seed: int = 0):
 
 class MPOModel(nn.Module):
     """``model`` (a Hugging Face causal LM or VLM) and ``loss_fn`` (an `MPOLoss`) in one
-    forward; ``amp_dtype`` is the dtype the head runs in under autocast (bf16 on GPU)."""
+    forward; ``amp_dtype`` is the dtype the head runs in (bf16 under the trainer's autocast on
+    a GPU; None: `mpo_fast.hf_model.head_precision`'s rule)."""
 
     def __init__(self, model: nn.Module, loss_fn: MPOLoss, amp_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.loss_fn, self.amp_dtype = model, loss_fn, amp_dtype
+        hf_model.check_loss_head(loss_fn, model)
 
     def forward(self, batch: Batch, ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
                 sft_tokens: float | None = None) -> MPOOutput:
         hidden = hidden_states(self.model, batch)
-        weight, bias = lm_head(self.model, hidden.dtype if self.amp_dtype is None
-                               else self.amp_dtype)
-        hidden = hidden.to(weight.dtype) * logit_scale(self.model)
-        return self.loss_fn(hidden, weight, batch.targets, cu_seqlens=batch.segments, bias=bias,
-                            ref_logps=ref_logps, sft_tokens=sft_tokens)
+        weight, bias = hf_model.lm_head(self.model)
+        with hf_model.head_precision(weight.device, dtype=self.amp_dtype) as dtype:
+            h, w, b = hf_model.prepare(hidden, weight, bias, dtype,
+                                       hf_model.logit_shape(self.model).scale)
+            return self.loss_fn(h, w, batch.targets, cu_seqlens=batch.segments, bias=b,
+                                ref_logps=ref_logps, sft_tokens=sft_tokens)
 
 
-def lm_head(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding's weight ``[V, H]`` and bias (tied embeddings included), in
-    ``dtype``; the cast is differentiable, so the fp32 master weight gets the gradient."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (an LM head)")
-    bias = getattr(head, "bias", None)
-    return head.weight.to(dtype), None if bias is None else bias.to(dtype)
+def head_logprobs(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """Per-token log p(target) of the batch (the targets' shape, 0 where ignored) through the
+    fused head, with the model's logit scale and soft-cap: the reference's log-probs."""
+    from ..logprobs import fused_logprobs
 
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The module that returns hidden states: ``model.base_model`` of the Hugging Face model
-    (for a PEFT model, of the model it wraps: the adapters live inside those layers)."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    return model.base_model
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return getattr(config, "text_config", None) or config
-
-
-def logit_scale(model: nn.Module) -> float:
-    """A constant the model multiplies its logits by (Cohere's ``logit_scale``), else 1:
-    applied to the hidden states, which is the same."""
-    return float(getattr(_text_config(model), "logit_scale", None) or 1.0)
+    hidden = hidden_states(model, batch)
+    weight, bias = hf_model.lm_head(model)
+    shape = hf_model.logit_shape(model)
+    with hf_model.head_precision(weight.device, dtype=amp_dtype) as dtype:
+        h, w, b = hf_model.prepare(hidden, weight, bias, dtype, shape.scale)
+        return fused_logprobs(h.reshape(*batch.targets.shape, -1), w, batch.targets, bias=b,
+                              softcap=shape.softcap)
 
 
 def logit_softcap(model: nn.Module) -> float | None:
-    """The model's final logit soft-cap (Gemma 2's ``final_logit_softcapping``), for
-    `MPOLoss(softcap=...)` / `fused_logprobs`."""
-    return getattr(_text_config(model), "final_logit_softcapping", None)
+    """The model's final logit soft-cap, for `MPOLoss(softcap=...)` (`hf_model.logit_shape`)."""
+    return hf_model.logit_shape(model).softcap
+
+
+def check_packable(model: nn.Module) -> None:
+    """Refuse packing where 1-D restarting positions would be wrong (`hf_model`'s rule)."""
+    hf_model.check_packable(model, TRAINER_REMEDY)
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -122,57 +115,14 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
         input_ids = batch.input_ids.unsqueeze(0)
     else:
         kwargs["attention_mask"] = batch.attention_mask.long()
-        if not uses_mrope(model):  # M-RoPE models compute their own 3-D positions
+        if not hf_model.uses_mrope(model):  # M-RoPE models compute their own 3-D positions
             kwargs["position_ids"] = batch.position_ids
         input_ids = batch.input_ids
     if batch.pixel_values is not None:
-        features = image_features(model, batch)
-        features.pooler_output = _twice(features.pooler_output)
-        kwargs["mm_encoder_outputs"] = {"image": features}
-        kwargs.update({k: _twice(v) for k, v in batch.image_kwargs.items()})
+        kwargs.update(hf_model.image_features_once(base, batch.pixel_values,
+                                                   **batch.image_kwargs))
+        kwargs.update({k: hf_model.twice(v) for k, v in batch.image_kwargs.items()})
     return base(input_ids=input_ids, **kwargs).last_hidden_state
-
-
-def image_features(model: nn.Module, batch: Batch):
-    """The batch's images encoded once (pair order): the backbone's ``get_image_features``
-    output, whose ``pooler_output`` holds the features the image tokens take."""
-    base = backbone(model)
-    if not hasattr(base, "get_image_features"):
-        raise ValueError(f"the batch has images but {type(base).__name__} has no "
-                         "get_image_features (a text-only model?)")
-    return base.get_image_features(pixel_values=batch.pixel_values, return_dict=True,
-                                   **batch.image_kwargs)
-
-
-def _twice(x):
-    """The features (or per-image extras) of the B pairs for the 2B sequences."""
-    if isinstance(x, torch.Tensor):
-        return torch.cat([x, x])
-    return type(x)([*x, *x])
-
-
-def uses_mrope(model: nn.Module) -> bool:
-    """Whether the model's positions are Qwen2-VL-style M-RoPE (3-D rotary positions)."""
-    base = backbone(model) if hasattr(model, "base_model") else model
-    if hasattr(base, "get_rope_index"):
-        return True
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") ==
-                                       "mrope"):
-            return True
-    return False
-
-
-def check_packable(model: nn.Module) -> None:
-    """Refuse packing where 1-D restarting positions would be wrong."""
-    if uses_mrope(model):
-        raise ValueError(
-            f"{type(model).__name__} uses M-RoPE (Qwen2-VL-style 3-D rotary positions): a "
-            "packed row needs [4, 1, N] position ids whose rotary rows restart for every "
-            "sequence, which this trainer does not build; train it with packing off "
-            "(--no-packing: padded batches, the model computes its own positions)")
 
 
 def set_attention(model: nn.Module, packed: bool) -> None:

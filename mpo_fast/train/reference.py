@@ -12,8 +12,8 @@ rejected [B])`` (fp32 sums of completion-token log-probs, no grad), passed to `M
                      recomputed, with a warning, never trusted
     AdapterDisabled  a PEFT/LoRA policy with its adapters switched off (needs `peft`)
 
-All three go through `sequence_logps`: the backbone's hidden states and `fused_logprobs` —
-no logits.
+All three go through `sequence_logps`: the backbone's hidden states and the fused head of
+`mpo_fast.hf_model` (the policy's rules: logit scale, soft-cap, precision) — no logits.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from torch import nn
 
 from ..data.collate import Batch, collate, micro_batches
 from ..data.formats import DataError
-from ..logprobs import fused_logprobs
 from .distributed import Context, all_sum, barrier, shard
-from .model import hidden_states, lm_head, logit_scale, logit_softcap
+from .model import head_logprobs
 
 __all__ = ["AdapterDisabled", "CachedReference", "FrozenCopy", "data_key", "fingerprint", "make",
            "sequence_logps"]
@@ -75,11 +74,7 @@ def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, 
 def sequence_logps(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of the batch's B chosen and B rejected sequences."""
-    hidden = hidden_states(model, batch)
-    weight, bias = lm_head(model, hidden.dtype if amp_dtype is None else amp_dtype)
-    targets = batch.targets
-    hidden = hidden.reshape(*targets.shape, -1).to(weight.dtype) * logit_scale(model)
-    logp = fused_logprobs(hidden, weight, targets, bias=bias, softcap=logit_softcap(model))
+    logp = head_logprobs(model, batch, amp_dtype)
     seq = batch.segments.sum(logp) if batch.packed else logp.sum(-1)
     return seq[:batch.num_pairs], seq[batch.num_pairs:]
 
