@@ -408,7 +408,11 @@ def test_a_stop_request_mid_step_drops_the_partial_step_and_resume_is_exact(
     ref_result, ref_weights = straight
     out = tmp_path / "run"
     real, calls = loop.collate, [0]
-    at = random.randrange(10, 30)  # a micro-batch a few steps in
+    per_step = [h["micro_batches"] for h in ref_result.history]
+    split = [i for i in range(STEPS - 1) if per_step[i] >= 2]
+    assert split, per_step  # steps of several micro-batches, or there is no "mid-step"
+    i = random.choice(split)  # the request arrives during a micro-batch of step i + 1 that
+    at = sum(per_step[:i]) + 1 + random.randrange(per_step[i] - 1)  # is not its last
 
     def collate(*a, **k):
         calls[0] += 1
@@ -422,7 +426,11 @@ def test_a_stop_request_mid_step_drops_the_partial_step_and_resume_is_exact(
     monkeypatch.undo()
     assert first.stopped_by == signal.SIGUSR1
     assert calls[0] == at  # not one more micro-batch after the request
-    assert first.checkpoint.endswith(f"step-{first.step:08d}") and first.step < STEPS
+    assert first.step == i  # the partial step was dropped, not finished
+    if i:
+        assert first.checkpoint.endswith(f"step-{i:08d}")
+    else:  # stopped in the first step: nothing to save, a resume starts afresh
+        assert first.checkpoint is None and checkpoint.latest(ckpt_root(out)) is None
     cfg, given = setup(str(out), resume="auto")
     second = train(cfg, **given, **quiet)
     second.history = first.history + second.history
@@ -498,9 +506,9 @@ def test_each_stop_signal_to_a_running_process_leaves_an_exact_checkpoint(
     time.sleep(random.uniform(0.2, 1.0))
     proc.send_signal(sig)
     assert proc.wait(timeout=300) == 128 + sig, proc.stderr.read().decode()[-3000:]
-    stopped = checkpoint.latest(ckpt_root(out))
-    step = int(os.path.basename(stopped).split("-")[1])
-    assert step < STEPS and checkpoint.verify(stopped) is None
+    stopped = checkpoint.latest(ckpt_root(out))  # None: stopped during the first step
+    step = int(os.path.basename(stopped).split("-")[1]) if stopped else 0
+    assert step < STEPS and (stopped is None or checkpoint.verify(stopped) is None)
     assert logged(out) == list(range(1, step + 1))
     cfg, given = setup(str(out), resume="auto")
     resumed = train(cfg, **given, **quiet)

@@ -240,7 +240,9 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
             if step == total or (cfg.save_every and step % cfg.save_every == 0):
                 result.checkpoint, saved = save_checkpoint(), step
     if stopping:
-        if saved != step or result.checkpoint is None:
+        # nothing trained yet: no checkpoint (a fresh start is the exact resume; an optimizer
+        # loaded from an empty state would be stepped once by set_state_dict's initialization)
+        if step > 0 and (saved != step or result.checkpoint is None):
             result.checkpoint = save_checkpoint()
         result.stopped_by = stop.signum or -1
         say(f"\nstopped by a signal at step {step}; checkpoint {result.checkpoint}")
