@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import Segments
-from .losses import ORPO_MAX_AVG_LOGP, LossConfig, combined_loss, update_bco_state
+from .losses import ORPO_MAX_AVG_LOGP, LossConfig, bco_shift, combined_loss
 
 
 @functools.cache
@@ -135,7 +135,7 @@ def _fused_pair_terms(seq, ref, count, cfg: LossConfig, bco_state, sft_tokens=No
     if ref is None:
         ref = torch.zeros_like(seq)
     if bco_state is not None:
-        delta = update_bco_state(bco_state, cfg.beta * (seq - ref).mean()).float()
+        delta = bco_shift(cfg, bco_state, cfg.beta * (seq - ref).mean()).float()
     else:
         delta = torch.zeros((), device=seq.device)
     loss, out, coef = _kernels().pair_terms(

@@ -18,6 +18,9 @@ a float64 reference.
 The BCO reward shift (the paper's delta) is the running mean of past rewards by default, both
 in `MPOLoss` (a buffer of the module) and in `preference_loss` (the ``bco_state`` you pass and
 keep): ``bco_delta="running_mean"``. ``bco_delta="none"`` gives delta = 0 (TRL >= 0.29, Liger).
+``bco_delta="lagged"`` uses the mean of the previous calls, before this call's rewards are
+folded in (not the paper's: its delta includes the current batch), so each pair's gradient
+depends on that pair alone (the single-pass mode of `MPOLoss`).
 
 Empty completions: a sequence with no completion token has log-prob 0 (probability 1), its
 length counts as 1 in the per-token averages (ipo, orpo), and its pair still counts in the
@@ -122,7 +125,7 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
                 "logps/chosen", "logps/rejected", "nll_loss", "bco/delta")
 MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
-BCO_DELTAS = ("running_mean", "none")
+BCO_DELTAS = ("running_mean", "none", "lagged")
 SFT_NORMALIZE = ("token", "sequence")
 
 
@@ -137,7 +140,9 @@ class LossConfig:
         beta: KL coefficient of the preference terms.
         label_smoothing: e of cDPO / robust / exo_pair / aot.
         bco_delta: "running_mean" (the paper's reward shift, TRL <= 0.28 / InternVL) or
-            "none" (delta = 0, TRL >= 0.29 / Liger). Only "bco_pair" uses it.
+            "none" (delta = 0, TRL >= 0.29 / Liger) or "lagged" (the running mean of the
+            previous calls only: a deviation from the paper that makes the gradient
+            pair-local, for `MPOLoss(single_pass=...)`). Only "bco_pair" uses it.
         discopop_tau: temperature of the discopop modulation.
         sft_normalize: how "sft" averages the chosen answers' NLL: "token" (the token mean
             over the batch, TRL's) or "sequence" (each answer's NLL over its own length, then
@@ -179,7 +184,7 @@ class LossConfig:
             raise ValueError("exo_pair needs label_smoothing > 0 (its loss has "
                              "log(label_smoothing))")
         if self.bco_delta not in BCO_DELTAS:
-            raise ValueError(f"bco_delta must be 'running_mean' or 'none', got "
+            raise ValueError(f"bco_delta must be 'running_mean' or 'none', or 'lagged', got "
                              f"{self.bco_delta!r}")
         if self.sft_normalize not in SFT_NORMALIZE:
             raise ValueError(f"sft_normalize must be 'token' (TRL's token mean) or 'sequence' "
@@ -196,8 +201,8 @@ class LossConfig:
 
     @property
     def running_delta(self) -> bool:
-        """Whether a call updates and uses the BCO running mean."""
-        return self.bco_delta == "running_mean" and "bco_pair" in self.loss_types
+        """Whether a call updates and uses the BCO running mean ("running_mean", "lagged")."""
+        return self.bco_delta in ("running_mean", "lagged") and "bco_pair" in self.loss_types
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -227,6 +232,15 @@ def update_bco_state(state: torch.Tensor, rewards_mean: torch.Tensor) -> torch.T
     state[0] += (total / count - state[0]) * count / new_count
     state[1] = new_count
     return state[0].clone()
+
+
+def bco_shift(cfg: LossConfig, state: torch.Tensor, rewards_mean: torch.Tensor) -> torch.Tensor:
+    """The BCO delta of this call, folding its mean reward into ``state``: the updated mean
+    ("running_mean", the paper's), or the mean before this call ("lagged": previous steps
+    only, so each pair's gradient is known without the rest of the batch)."""
+    before = state[0].clone()
+    after = update_bco_state(state, rewards_mean)
+    return before if cfg.bco_delta == "lagged" else after
 
 
 def preference_loss(
@@ -265,7 +279,8 @@ def preference_loss(
             chosen_lengths)``, lengths clamped to >= 1.
         bco_delta: the BCO reward shift, as in `MPOLoss` and with the same default:
             "running_mean" (the paper's) folds this call's mean reward into ``bco_state`` and
-            uses the updated mean; "none" uses delta = 0.
+            uses the updated mean; "lagged" folds it in too but uses the mean before it;
+            "none" uses delta = 0.
         bco_state: float64 ``[2]`` (running mean, count), updated in place; required with
             "bco_pair" and ``bco_delta="running_mean"`` (make one with `new_bco_state()` and
             keep it across calls). There is no hidden default state: without one the call
@@ -295,7 +310,7 @@ def preference_loss(
     if sft_loss is None and "sft" in cfg.loss_types and chosen_lengths is None:
         raise ValueError("sft needs sft_loss or chosen_lengths")
     if "bco_pair" in cfg.loss_types:
-        if cfg.bco_delta == "running_mean" and bco_state is None:
+        if cfg.bco_delta != "none" and bco_state is None:
             raise ValueError(
                 "bco_pair with bco_delta='running_mean' (the paper's reward shift, and "
                 "MPOLoss's default) needs bco_state: pass bco_state=mpo_fast.losses."
@@ -348,7 +363,7 @@ def combined_loss(cfg: LossConfig, c, r, c0=None, r0=None, chosen_lengths=None,
     zc, zr = (c - c0).detach(), (r - r0).detach()
     delta = torch.zeros((), dtype=c.dtype, device=c.device)
     if cfg.running_delta:
-        delta = update_bco_state(bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
+        delta = bco_shift(cfg, bco_state, torch.cat([beta * zc, beta * zr]).mean()).to(c)
     if sft_loss is None:
         sft_loss = sft_term(cfg, c, chosen_lengths, sft_tokens)
 

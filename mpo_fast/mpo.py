@@ -21,6 +21,9 @@ from .epilogue import Epilogue
 from .layout import Segments
 from .logprobs import _check_inputs, fused_logprobs_at, resolve_backend, scored_rows
 from .losses import MPO_LOSS_TYPES, LossConfig, check_sft_tokens, new_bco_state
+from .single_pass import SinglePassJob, check_options, single_pass_loss
+from .single_pass import applies as single_pass_applies
+from .torch_backend import accum_dtype
 
 __all__ = ["LOSS_STATE_FILE", "HeadConfig", "MPOLoss", "MPOOutput", "load_loss_state",
            "save_loss_state"]
@@ -46,6 +49,7 @@ class HeadConfig:
     temperature: float = 1.0
     softcap: float | None = None
     backend: str = "auto"
+    frozen_head: bool | str = "auto"
 
 
 class MPOLoss(nn.Module):
@@ -68,6 +72,17 @@ class MPOLoss(nn.Module):
             per-pair term): with "sequence" the sum is then exactly the step's loss; with
             "token" pass the forward's ``sft_tokens`` (the denominator from outside, Liger's
             ``full_target`` idea), as `mpo_fast.train.loop.objective` does.
+        single_pass: False (default: forward, then a backward that recomputes the logits),
+            True or "auto" (True on the torch backend when the losses allow it): compute the
+            loss's gradient in the forward, one pass over the vocabulary per group of whole
+            pairs (8NHV instead of 10NHV with a reference). Needs pair-local losses (not
+            "aot"/"aot_pair"; "bco_pair" with bco_delta "none" or "lagged"); gradients then
+            flow through ``out.loss`` only (see `mpo_fast.single_pass`).
+        frozen_head: "auto" (default), True or False: with a head that takes no gradient
+            (LoRA) the forward prepares d logp / d hidden and the backward never revisits the
+            vocabulary (see `mpo_fast.fused_logprobs`); exact with every loss.
+        dw_accum: single-pass mode's dW accumulator across groups of pairs: "weight" (the
+            weight's dtype, no extra memory; default) or "fp32" (V x H fp32 more).
 
     The options live in two frozen config objects, one per op: ``self.loss_config`` (a
     `mpo_fast.losses.LossConfig`, checked here) and ``self.head_config`` (a `HeadConfig`).
@@ -86,11 +101,16 @@ class MPOLoss(nn.Module):
         discopop_tau: float = 0.05,
         backend: str = "auto",
         sft_normalize: str = "token",
+        single_pass: bool | str = False,
+        frozen_head: bool | str = "auto",
+        dw_accum: str = "weight",
     ):
         super().__init__()
         self.loss_config = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta,
                                       discopop_tau, sft_normalize)
-        self.head_config = HeadConfig(ignore_index, temperature, softcap, backend)
+        self.head_config = HeadConfig(ignore_index, temperature, softcap, backend, frozen_head)
+        check_options(single_pass, dw_accum, self.loss_config)
+        self.single_pass, self.dw_accum = single_pass, dw_accum
         # BCO running mean and count (count starts at ~0, so the first batch sets the mean);
         # updated by calls in training mode only
         self.register_buffer("bco_state", new_bco_state())
@@ -145,6 +165,11 @@ class MPOLoss(nn.Module):
             raise ValueError(f"no completion tokens: every target is ignore_index="
                              f"{head.ignore_index}, so there is nothing to score (are the "
                              "targets shifted and the completions unmasked?)")
+        if single_pass_applies(self.single_pass, self.loss_config,
+                               resolve_backend(head.backend, hidden.device, hidden.dtype),
+                               hidden, weight, bias):
+            return self._single_pass(hidden, weight, targets, rows, bias, segs, sft_tokens,
+                                     ref_logps, ref_hidden, ref_weight, ref_bias)
         logp = self._logprobs(hidden, weight, targets, rows, bias).reshape(-1)
         ref_logp, ref_seq = self._reference(hidden, weight, targets, rows, B, ref_logps,
                                             ref_hidden, ref_weight, ref_bias)
@@ -163,7 +188,31 @@ class MPOLoss(nn.Module):
     def _logprobs(self, hidden, weight, targets, rows, bias):
         h = self.head_config
         return fused_logprobs_at(hidden, weight, targets, rows, bias, h.temperature, h.softcap,
-                                 h.backend)
+                                 h.backend, h.frozen_head)
+
+    def _single_pass(self, hidden, weight, targets, rows, bias, segs, sft_tokens, ref_logps,
+                     ref_hidden, ref_weight, ref_bias) -> MPOOutput:
+        """`forward` in single-pass mode (`mpo_fast.single_pass`): same outputs; the
+        sequence log-probs are values (a backward through them raises)."""
+        B, head = segs.num_seqs // 2, self.head_config
+        ref_logp, ref_seq = self._reference(hidden, weight, targets, rows, B, ref_logps,
+                                            ref_hidden, ref_weight, ref_bias)
+        if ref_logp is not None:
+            ref_seq = segs.sum(ref_logp)
+        if self.bco_state.device != hidden.device:
+            self.bco_state = self.bco_state.to(hidden.device)
+        H = weight.shape[1]
+        job = SinglePassJob(
+            rows=rows, targets=targets.reshape(-1).long().index_select(0, rows), segs=segs,
+            ref=ref_seq, count=segs.count(rows).to(accum_dtype(hidden.dtype)), cfg=self.loss_config,
+            bco_state=self.bco_state if self.training else self.bco_state.clone(),
+            backend=resolve_backend(head.backend, hidden.device, hidden.dtype),
+            inv_temp=1.0 / head.temperature, softcap=head.softcap, sft_tokens=sft_tokens,
+            dw_accum=self.dw_accum)
+        hidden2d = hidden.reshape(-1, H)
+        loss, seq, vec = single_pass_loss(job, hidden2d, weight, bias)
+        metrics = dict(zip(self.loss_config.metric_names, vec, strict=True))
+        return MPOOutput(loss, metrics, seq[:B], seq[B:])
 
     def _segments(self, hidden, targets, cu_seqlens) -> Segments:
         if cu_seqlens is None:

@@ -1,0 +1,315 @@
+"""Single-pass pair-local mode and frozen-head mode against the two-pass path and float64.
+
+The float64 references are written independently in tests/reference.py (full logits,
+log_softmax, gather, the docs/DESIGN.md §3.3 loss table). Shapes are tiny; small workspaces
+(MPO_FAST_WORKSPACE_MB) force several groups of pairs, and a pair longer than a group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import leaf64, logprobs, mpo_loss, pair_losses, rel_err
+
+import mpo_fast
+from mpo_fast import single_pass, torch_backend
+from mpo_fast.losses import LossConfig
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+MPO_LAGGED = {"loss_types": ("sigmoid", "bco_pair", "sft"), "bco_delta": "lagged"}
+
+
+def make_batch(B=3, T=11, H=16, V=97, dtype=torch.float32, lengths=None):
+    """A padded batch of B pairs: prompts ignored, ragged completions, a reference model."""
+    hidden = torch.randn(2 * B, T, H).to(dtype)
+    weight = (torch.randn(V, H) * 2 / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (2 * B, T))
+    targets[:, :2] = -100  # prompt
+    lengths = lengths or [int(n) for n in torch.randint(4, T + 1, (2 * B,))]
+    for s, n in enumerate(lengths):
+        targets[s, n:] = -100  # padding
+    ref_hidden = (hidden.float() + 0.3 * torch.randn(2 * B, T, H)).to(dtype)
+    ref_weight = (weight.float() + 0.05 * torch.randn(V, H)).to(dtype)
+    return hidden, weight, targets, ref_hidden, ref_weight, lengths
+
+
+def run(loss_fn, hidden, weight, targets, ref_hidden, ref_weight, scale=1.0, bias=None,
+        train_head=True, **kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(train_head)
+    b = None if bias is None else bias.clone().requires_grad_()
+    out = loss_fn(h, w, targets, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight, **kw)
+    (out.loss * scale).backward()
+    return out, h.grad, w.grad, None if b is None else b.grad
+
+
+def reference64(hidden, weight, targets, ref_hidden, ref_weight, loss_types, weights, beta=0.1,
+                delta="lagged0", scale=1.0, bias=None, **head):
+    """(loss, dH, dW, db) in float64. delta "lagged0": 0 (a fresh state's previous mean);
+    "paper": this batch's mean reward (a fresh state's updated mean), held constant."""
+    h, w, b = leaf64(hidden), leaf64(weight), leaf64(bias)
+    logp = logprobs(h, w, targets, b, **head)
+    with torch.no_grad():
+        ref = logprobs(ref_hidden.double(), ref_weight.double(), targets, **head)
+    if delta == "paper":
+        seq, sref = logp.sum(-1).detach(), ref.sum(-1)
+        d = (0.1 * (seq - sref)).mean().item()
+    else:
+        d = 0.0
+    loss = mpo_loss(logp, ref, targets, loss_types, weights, beta, delta=d)
+    (loss * scale).backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+# ------------------------------------------------------------------------- frozen head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head", [{}, {"softcap": 3.0, "temperature": 0.7}, {"bias": True}],
+                         ids=["plain", "softcap-temp", "frozen-bias"])
+def test_frozen_head_logprobs_match_float64(dtype, head, monkeypatch):
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.02")  # several token and vocab chunks
+    H, V = 24, 301
+    hidden = torch.randn(4, 9, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) * 3 / H**0.5).to(dtype)  # frozen: no requires_grad
+    bias = torch.randn(V).to(dtype) if head.get("bias") else None
+    targets = torch.randint(0, V, (4, 9))
+    targets[torch.rand(4, 9) < 0.3] = -100
+    kw = {k: v for k, v in head.items() if k != "bias"}
+    out = mpo_fast.fused_logprobs(hidden, weight, targets, bias=bias, backend="torch", **kw)
+    assert "FrozenHead" in type(out.grad_fn).__name__ or "FrozenHead" in str(
+        out.grad_fn.next_functions)  # "auto" took the frozen-head path
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    h64 = leaf64(hidden)
+    ref = logprobs(h64, weight.double(), targets, None if bias is None else bias.double(), **kw)
+    (ref * upstream.double()).sum().backward()
+    assert rel_err(out, ref) <= TOL[dtype]
+    assert rel_err(hidden.grad, h64.grad) <= TOL[dtype]
+    assert (hidden.grad.view(-1, H)[(targets == -100).view(-1)] == 0).all()
+
+
+def test_frozen_head_equals_two_pass_and_needs_a_frozen_head():
+    H, V = 16, 203
+    hidden = torch.randn(13, H, requires_grad=True)
+    weight = torch.randn(V, H) * 0.4
+    targets = torch.randint(0, V, (13,))
+    grads = []
+    for frozen in (True, False):
+        hidden.grad = None
+        out = mpo_fast.fused_logprobs(hidden, weight, targets, backend="torch",
+                                      frozen_head=frozen)
+        (out * torch.linspace(-1, 2, 13)).sum().backward()
+        grads.append(hidden.grad.clone())
+    assert rel_err(grads[0], grads[1]) <= 1e-6
+    with pytest.raises(ValueError, match="frozen_head=True needs a head"):
+        mpo_fast.fused_logprobs(hidden, weight.requires_grad_(), targets, backend="torch",
+                                frozen_head=True)
+    with pytest.raises(ValueError, match="frozen_head must be"):
+        mpo_fast.fused_logprobs(hidden, weight, targets, backend="torch", frozen_head="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_frozen_head_mpo_with_the_papers_coupled_delta(dtype):
+    """Frozen head + MPO with the paper's current-batch BCO shift: exact (E needs no g)."""
+    hidden, weight, targets, rh, rw, _ = make_batch(dtype=dtype)
+    types, weights = ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0)
+    results = []
+    for frozen in (True, False):
+        loss_fn = mpo_fast.MPOLoss(backend="torch", frozen_head=frozen)  # running_mean
+        results.append(run(loss_fn, hidden, weight, targets, rh, rw, scale=0.37,
+                           train_head=False))
+    (out, gh, gw, _), (out2, gh2, _, _) = results
+    assert gw is None
+    loss64, gh64, _, _ = reference64(hidden, weight, targets, rh, rw, types, weights,
+                                     delta="paper", scale=0.37)
+    assert rel_err(out.loss, loss64) <= TOL[dtype]
+    assert rel_err(gh, gh64) <= TOL[dtype]
+    assert rel_err(gh, gh2) <= TOL[dtype]
+    assert rel_err(out.loss, out2.loss) <= 1e-6
+
+
+# ------------------------------------------------------------------------- single pass
+
+
+CONFIGS = [
+    pytest.param(MPO_LAGGED, id="mpo-lagged"),
+    pytest.param({"loss_types": ("sigmoid", "bco_pair", "sft"), "bco_delta": "none"},
+                 id="mpo-none"),
+    pytest.param({"loss_types": ("ipo", "hinge", "sft"), "loss_weights": (1.0, 0.5, 0.3)},
+                 id="ipo-hinge-sft"),
+    pytest.param({"loss_types": ("sigmoid", "sft"), "sft_normalize": "sequence"},
+                 id="sft-sequence"),
+]
+
+
+def _types_weights(kw):
+    types = kw["loss_types"]
+    weights = kw.get("loss_weights") or ((0.8, 0.2, 1.0) if types == ("sigmoid", "bco_pair",
+                                                                       "sft") else (1.0,) * 3)
+    return types, weights[:len(types)]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+@pytest.mark.parametrize("workspace", ["0.02", "256"], ids=["groups", "one-group"])
+def test_single_pass_matches_two_pass_and_float64_padded(kw, workspace, monkeypatch):
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", workspace)
+    # 0.02 MiB: 16 tokens a group: pair 0 (18 tokens) alone, in two passes; pairs 1-2 (16)
+    hidden, weight, targets, rh, rw, _ = make_batch(lengths=[11, 5, 6, 11, 4, 9])
+    long_pairs = []
+    two_pass_pair = single_pass.SinglePassJob._two_pass_pair
+    monkeypatch.setattr(single_pass.SinglePassJob, "_two_pass_pair",
+                        lambda self, *a: long_pairs.append(1) or two_pass_pair(self, *a))
+    ref_out = run(mpo_fast.MPOLoss(backend="torch", **kw), hidden, weight, targets, rh, rw,
+                  scale=0.5)
+    out = run(mpo_fast.MPOLoss(backend="torch", single_pass=True, **kw), hidden, weight,
+              targets, rh, rw, scale=0.5)
+    (o, gh, gw, _), (o2, gh2, gw2, _) = out, ref_out
+    assert rel_err(o.loss, o2.loss) <= 1e-6
+    assert rel_err(o.chosen_logps, o2.chosen_logps) <= 1e-6
+    assert rel_err(o.rejected_logps, o2.rejected_logps) <= 1e-6
+    for name in o2.metrics:
+        assert torch.allclose(o.metrics[name], o2.metrics[name], rtol=1e-5, atol=1e-6), name
+    assert rel_err(gh, gh2) <= 1e-5 and rel_err(gw, gw2) <= 1e-5
+    assert len(long_pairs) == (1 if workspace == "0.02" else 0)
+    if kw.get("sft_normalize") != "sequence":
+        types, weights = _types_weights(kw)
+        loss64, gh64, gw64, _ = reference64(hidden, weight, targets, rh, rw, types, weights,
+                                            scale=0.5)
+        assert rel_err(o.loss, loss64) <= 1e-5
+        assert rel_err(gh, gh64) <= 1e-5 and rel_err(gw, gw64) <= 1e-5
+
+
+def test_single_pass_groups_are_whole_pairs_and_bounded():
+    assert single_pass.plan_groups([3, 4, 9, 2, 2], 8) == [(0, 2), (2, 3), (3, 5)]
+    assert single_pass.plan_groups([20], 8) == [(0, 1)]
+    cap = torch_backend.group_tokens(1000, 64, torch.float32, False, budget=2**20)
+    assert cap * 4 * (1000 + 2 * 64) + 2 * 4 * 1000 * 64 <= 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_single_pass_packed_with_bias_softcap_micro_batched(dtype, monkeypatch):
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.03")
+    B, T, H, V = 3, 10, 16, 97
+    hidden, weight, targets, rh, rw, lengths = make_batch(B, T, H, V, dtype,
+                                                          lengths=[10, 6, 8, 5, 9, 7])
+    bias = (0.5 * torch.randn(V)).to(dtype)
+    head = {"softcap": 5.0, "temperature": 0.8}
+    # packed: each sequence's first `length` positions, back to back
+    ph = torch.cat([hidden[s, :n] for s, n in enumerate(lengths)])
+    prh = torch.cat([rh[s, :n] for s, n in enumerate(lengths)])
+    pt = torch.cat([targets[s, :n] for s, n in enumerate(lengths)])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    segs = mpo_fast.Segments.from_cu_seqlens(cu)
+    kw = {**MPO_LAGGED, **head}
+    outs = [run(mpo_fast.MPOLoss(backend="torch", single_pass=sp, **kw), ph, weight, pt, prh,
+                rw, scale=0.25, bias=bias, cu_seqlens=segs) for sp in (True, False)]
+    (o, gh, gw, gb), (o2, gh2, gw2, gb2) = outs
+    tol = TOL[dtype]
+    assert rel_err(o.loss, o2.loss) <= 1e-6
+    assert rel_err(gh, gh2) <= tol and rel_err(gw, gw2) <= tol and rel_err(gb, gb2) <= tol
+    # float64 on the padded layout (same tokens, the same pairs)
+    loss64, gh64, gw64, gb64 = reference64(hidden, weight, targets, rh, rw,
+                                           ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0),
+                                           scale=0.25, bias=bias, **head)
+    gh64 = torch.cat([gh64[s, :n] for s, n in enumerate(lengths)])
+    assert rel_err(o.loss, loss64) <= tol
+    assert rel_err(gh, gh64) <= tol and rel_err(gw, gw64) <= tol and rel_err(gb, gb64) <= tol
+    assert gh.dtype == dtype and gw.dtype == dtype and gb.dtype == dtype
+
+
+def test_single_pass_frozen_head_and_dw_accumulators(monkeypatch):
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.02")
+    hidden, weight, targets, rh, rw, _ = make_batch(dtype=torch.bfloat16,
+                                                    lengths=[7, 9, 5, 8, 6, 9])
+    _, gh64, gw64, _ = reference64(hidden, weight, targets, rh, rw,
+                                        ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0))
+    for acc in ("weight", "fp32"):
+        _, gh, gw, _ = run(mpo_fast.MPOLoss(backend="torch", single_pass=True, dw_accum=acc,
+                                            **MPO_LAGGED), hidden, weight, targets, rh, rw)
+        assert rel_err(gh, gh64) <= 1e-2 and rel_err(gw, gw64) <= 1e-2
+    _, gh, gw, _ = run(mpo_fast.MPOLoss(backend="torch", single_pass=True, **MPO_LAGGED),
+                       hidden, weight, targets, rh, rw, train_head=False)  # dH only
+    assert gw is None and rel_err(gh, gh64) <= 1e-2
+
+
+def test_lagged_delta_is_the_previous_steps_mean():
+    """bco_delta="lagged": call k uses the mean of calls < k (0 first), then folds its own."""
+    hidden, weight, targets, rh, rw, _ = make_batch()
+    loss_fn = mpo_fast.MPOLoss(backend="torch", single_pass=True, **MPO_LAGGED)
+    two_pass = mpo_fast.MPOLoss(backend="torch", **MPO_LAGGED)
+    means = []
+    for step in range(3):
+        h = hidden + 0.2 * step
+        o = loss_fn(h.requires_grad_(), weight, targets, ref_hidden=rh, ref_weight=rw)
+        o2 = two_pass(h, weight, targets, ref_hidden=rh, ref_weight=rw)
+        want = sum(means) / len(means) if means else 0.0
+        assert abs(o.metrics["bco/delta"].item() - want) <= 1e-5
+        assert abs(o2.metrics["bco/delta"].item() - want) <= 1e-5
+        assert abs(o.loss.item() - o2.loss.item()) <= 1e-5 * abs(o2.loss.item())
+        means.append(o.metrics["rewards/chosen"].item() / 2 +
+                     o.metrics["rewards/rejected"].item() / 2)
+    assert torch.allclose(loss_fn.bco_state, two_pass.bco_state)
+
+
+def test_single_pass_auto_and_bad_inputs():
+    hidden, weight, targets, rh, rw, _ = make_batch()
+    with pytest.raises(ValueError, match=r"\['aot'\]"):
+        mpo_fast.MPOLoss(loss_types=("aot", "sft"), single_pass=True)
+    with pytest.raises(ValueError, match="aot_pair"):
+        mpo_fast.MPOLoss(loss_types=("aot_pair",), single_pass=True)
+    with pytest.raises(ValueError, match="bco_delta='running_mean'"):
+        mpo_fast.MPOLoss(single_pass=True)  # the paper's coupled shift
+    with pytest.raises(ValueError, match="single_pass must be"):
+        mpo_fast.MPOLoss(single_pass="yes")
+    with pytest.raises(ValueError, match="dw_accum"):
+        mpo_fast.MPOLoss(dw_accum="bf16")
+    # "auto": one pass for pair-local losses on the torch backend, two for the coupled shift
+    cfg = LossConfig(**MPO_LAGGED)
+    assert single_pass.applies("auto", cfg, "torch", hidden.requires_grad_())
+    assert not single_pass.applies("auto", LossConfig(), "torch", hidden)
+    assert not single_pass.applies(True, cfg, "torch", hidden.detach())  # nothing to grad
+    # gradients only through loss: a backward through chosen_logps says so
+    loss_fn = mpo_fast.MPOLoss(backend="torch", single_pass=True, **MPO_LAGGED)
+    o = loss_fn(hidden, weight, targets, ref_hidden=rh, ref_weight=rw)
+    with pytest.raises(RuntimeError, match="for `loss` only"):
+        (o.loss + o.chosen_logps.sum()).backward()
+
+
+def test_group_loss_gradient_is_the_batch_gradient():
+    """The per-group closed form (sum / B, SFT over the batch's tokens) sums to the loss."""
+    B = 5
+    c, r, c0, r0 = (torch.randn(B, dtype=torch.float64) - 3 for _ in range(4))
+    Lc, Lr = torch.randint(1, 9, (B,)).double(), torch.randint(1, 9, (B,)).double()
+    cfg = LossConfig(("sigmoid", "ipo", "bco_pair", "sft"), (0.8, 0.3, 0.2, 1.0),
+                     bco_delta="lagged")
+    delta = torch.tensor(0.07, dtype=torch.float64)
+    total = sum(single_pass.group_loss(cfg, c[a:b], r[a:b], c0[a:b], r0[a:b], Lc[a:b],
+                                       Lr[a:b], B, Lc.sum(), delta) for a, b in ((0, 2), (2, 5)))
+    want = sum(w * pair_losses(t, c, r, c0, r0, Lc, Lr, 0.1, delta=0.07).mean()
+               for t, w in zip(("sigmoid", "ipo", "bco_pair"), (0.8, 0.3, 0.2), strict=True))
+    want = want - c.sum() / Lc.sum()
+    assert abs(total.item() - want.item()) <= 1e-12
+
+
+def test_single_pass_micro_batches_with_sft_tokens_sum_to_the_step():
+    """Two micro-batches, each `f * loss` with the step's SFT denominator (sft_tokens): the
+    summed single-pass gradients equal the two-pass ones and the float64 step gradient."""
+    hidden, weight, targets, rh, rw, _ = make_batch(B=4, lengths=[9, 5, 7, 6, 8, 4, 10, 6])
+    parts = [[0, 1, 4, 5], [2, 3, 6, 7]]  # pairs (0, 1) and (2, 3), chosen then rejected
+    step_tokens = float((targets[:4] != -100).sum())
+    kw = {"loss_types": ("sigmoid", "ipo", "sft"), "loss_weights": (0.8, 0.3, 1.0)}
+    grads = {}
+    for sp in (True, False):
+        loss_fn = mpo_fast.MPOLoss(backend="torch", single_pass=sp, **kw)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        for idx in parts:
+            f = len(idx) / 8
+            out = loss_fn(h[idx], w, targets[idx], ref_hidden=rh[idx], ref_weight=rw,
+                          sft_tokens=f * step_tokens)
+            (f * out.loss).backward()
+        grads[sp] = (h.grad, w.grad)
+    _, gh64, gw64, _ = reference64(hidden, weight, targets, rh, rw, *_types_weights(kw))
+    assert rel_err(grads[True][0], grads[False][0]) <= 1e-5
+    assert rel_err(grads[True][1], grads[False][1]) <= 1e-5
+    assert rel_err(grads[True][0], gh64) <= 1e-5 and rel_err(grads[True][1], gw64) <= 1e-5
