@@ -59,8 +59,43 @@ def plan_chunks(
     return tc, min(vc, V)
 
 
-def _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap):
-    """Tile z = transform(hc @ W[v0:v1].T + b[v0:v1]) in `acc` precision, plus tanh tile or None."""
+def tensor_core_products(hidden: torch.Tensor) -> bool:
+    """Whether the one-pass modes (`forward_frozen`, `single_pass_group`) keep half-precision
+    operands for their products (cuBLAS on CUDA, fp32 results: logits stay fp32, and dZ / P
+    are rounded to the input dtype only as the operand of a product, as the Triton backward's
+    DA is). Elsewhere every product is fp32 (fp64), the exact twin the CPU tests hold."""
+    return hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 (fp64) from operands of any precision: where `b` is half precision,
+    `a` is rounded to it and the product is accumulated and returned in fp32 (cuBLAS
+    out_dtype on CUDA; an upcast elsewhere)."""
+    if a.dtype == b.dtype and b.dtype in (torch.float32, torch.float64):
+        return a @ b
+    a = a.to(b.dtype)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8: no fp32 output for half operands
+            pass
+    return a.float() @ b.float()
+
+
+def _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap, half_operands=False):
+    """Tile z = transform(hc @ W[v0:v1].T + b[v0:v1]) in `acc` precision, plus tanh tile or None.
+
+    With `half_operands` hc and the returned weight chunk stay in the input dtype (products
+    through `_mm32`); otherwise both are `acc`."""
+    if half_operands:
+        wc = weight[v0:v1]
+        a = _mm32(hc, wc.T)
+        if bias is not None:
+            a += bias[v0:v1].to(acc)
+        if softcap is None:
+            return (a if inv_temp == 1.0 else a.mul_(inv_temp)), None, wc
+        t = a.div_(softcap).tanh_()
+        return t * (softcap * inv_temp), t, wc
     wc = weight[v0:v1].to(acc)
     if bias is not None:
         a = torch.addmm(bias[v0:v1].to(acc), hc, wc.T)
@@ -126,16 +161,18 @@ def forward_frozen(hidden, weight, bias, rows, targets, inv_temp, softcap, budge
     E = torch.empty((M, H), device=dev, dtype=acc)
     tc, vc = plan_chunks(M, V, H, hidden.dtype, softcap is not None, budget)
     cap = None if softcap is None else softcap * inv_temp  # z = cap * tanh(a / softcap)
+    fast = tensor_core_products(hidden)
     for t0 in range(0, M, tc):
         r, y = rows[t0:t0 + tc], targets[t0:t0 + tc]
-        hc = hidden.index_select(0, r).to(acc)
+        hc = hidden.index_select(0, r)
+        hc = hc if fast else hc.to(acc)
         m = torch.full((r.numel(),), float("-inf"), device=dev, dtype=acc)
         s = torch.zeros_like(m)
         num = torch.zeros((r.numel(), H), device=dev, dtype=acc)
         zy_c = torch.zeros_like(m)
         for v0 in range(0, V, vc):
             v1 = min(v0 + vc, V)
-            z, t, wc = _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap)
+            z, t, wc = _logits(hc, weight, bias, v0, v1, acc, inv_temp, softcap, fast)
             col, inside = _target_columns(y, v0, v1)
             zy_c = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), zy_c)
             m_new = torch.maximum(m, z.amax(dim=1))
@@ -144,7 +181,7 @@ def forward_frozen(hidden, weight, bias, rows, targets, inv_temp, softcap, budge
             s = s * scale + p.sum(dim=1)
             if t is not None:
                 p.mul_(t.square_().neg_().add_(1.0))
-            num.mul_(scale[:, None]).addmm_(p, wc)
+            num.mul_(scale[:, None]).add_(_mm32(p, wc))
             m = m_new
             del z, t, p
         c_y = torch.full_like(zy_c, inv_temp)
@@ -232,11 +269,13 @@ def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, to
     (V, H), n = weight.shape, rows.numel()
     dev, acc = hidden.device, accum_dtype(hidden.dtype)
     vc = min(V, 4 * _MIN_VOCAB_CHUNK * 8)
-    hc = hidden.index_select(0, rows).to(acc)
+    fast = tensor_core_products(hidden)
+    hc = hidden.index_select(0, rows)
+    hc = hc if fast else hc.to(acc)
     z = torch.empty((n, V), device=dev, dtype=acc)
     for v0 in range(0, V, vc):
         z[:, v0:v0 + vc] = _logits(hc, weight, bias, v0, min(v0 + vc, V), acc, inv_temp,
-                                   softcap)[0]
+                                   softcap, fast)[0]
     lse = torch.logsumexp(z, dim=1)
     logp = z.gather(1, targets[:, None]).squeeze(1) - lse
     g = token_grad(logp).to(acc)
@@ -255,11 +294,11 @@ def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, to
         v1 = min(v0 + vc, V)
         d = da[:, v0:v1]
         if dh is not None:
-            dh.addmm_(d, weight[v0:v1].to(acc))
+            dh += _mm32(d, weight[v0:v1] if fast else weight[v0:v1].to(acc))
         if dw_accum is not None:
-            dw_accum[v0:v1].addmm_(d.T, hc)
+            dw_accum[v0:v1] += _mm32(d.T, hc)
         elif gw is not None:
-            gw[v0:v1] += (d.T @ hc).to(gw.dtype)
+            gw[v0:v1] += _mm32(d.T, hc).to(gw.dtype)
         if gb is not None:
             gb[v0:v1] += d.sum(dim=0)
     if gh is not None:

@@ -313,3 +313,21 @@ def test_single_pass_micro_batches_with_sft_tokens_sum_to_the_step():
     assert rel_err(grads[True][0], grads[False][0]) <= 1e-5
     assert rel_err(grads[True][1], grads[False][1]) <= 1e-5
     assert rel_err(grads[True][0], gh64) <= 1e-5 and rel_err(grads[True][1], gw64) <= 1e-5
+
+
+def test_half_operand_products_of_the_gpu_path(monkeypatch):
+    """On CUDA the one-pass modes keep bf16 operands (fp32 results); the same rounding is
+    simulated here on the CPU (`_mm32` upcasts after rounding dZ / P to bf16)."""
+    monkeypatch.setattr(torch_backend, "tensor_core_products", lambda hidden: True)
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.02")
+    hidden, weight, targets, rh, rw, _ = make_batch(dtype=torch.bfloat16)
+    _, gh64, gw64, _ = reference64(hidden, weight, targets, rh, rw,
+                                   ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0))
+    _, gh, gw, _ = run(mpo_fast.MPOLoss(backend="torch", single_pass=True, **MPO_LAGGED),
+                       hidden, weight, targets, rh, rw)
+    assert rel_err(gh, gh64) <= 1e-2 and rel_err(gw, gw64) <= 1e-2
+    _, gh64, _, _ = reference64(hidden, weight, targets, rh, rw,
+                                ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0), delta="paper")
+    _, gh, _, _ = run(mpo_fast.MPOLoss(backend="torch", frozen_head=True), hidden, weight,
+                      targets, rh, rw, train_head=False)
+    assert rel_err(gh, gh64) <= 1e-2
