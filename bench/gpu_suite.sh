@@ -6,6 +6,8 @@
 #   PARTS="cold probe tests" bash bench/gpu_suite.sh        first call (~5 min)
 #   PARTS="scoreboard packing warm" bash bench/gpu_suite.sh second call (~4 min)
 #   PARTS="train" bash bench/gpu_suite.sh                    one training step, ~0.5B (~3 min)
+#   PARTS="modes" bash bench/gpu_suite.sh                    issue 21: every head mode vs Liger
+#                                                            (< 8 min incl. Triton/compile warm-up)
 #   DRY_RUN=1 bash bench/gpu_suite.sh                        here, on a CPU, toy shapes
 #
 # Parts, in the order they run: cold (first MPOLoss call on an empty Triton cache), probe (bench/gpu_probe.py: card
@@ -92,6 +94,11 @@ fi
 if has warm; then  # mpo_fast.warmup on an empty cache, then the first call
   TRITON_CACHE_DIR=$(mktemp -d) step warm 60 python3 -m bench.gpu_probe "${PROBE[@]}" \
     --parts warm --out "$OUT" 2>&1 | tee -a "$OUT/suite.log"
+fi
+if has modes; then  # issue 21: two-pass / single-pass / frozen head vs Liger (bench/modes.py)
+  [ "$DRY" = 1 ] && MODES=(--dry-run --no-liger) || MODES=()
+  step modes 470 python3 -m bench.modes "${MODES[@]}" --out "$OUT" \
+    --json-out "$OUT/results" 2>&1 | tee -a "$OUT/suite.log"
 fi
 if has train; then  # issue 10's GPU number; the dry run is a toy shape on the CPU
   if [ "$DRY" = 1 ]; then SHAPE=(--vocab 2000 --hidden 64 --layers 2 --heads 4 --pairs 2)

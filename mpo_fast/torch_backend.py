@@ -276,7 +276,11 @@ def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, to
     for v0 in range(0, V, vc):
         z[:, v0:v0 + vc] = _logits(hc, weight, bias, v0, min(v0 + vc, V), acc, inv_temp,
                                    softcap, fast)[0]
-    lse = torch.logsumexp(z, dim=1)
+    m = z.amax(dim=1)
+    s = torch.zeros_like(m)
+    for v0 in range(0, V, vc):  # chunked: torch.logsumexp would allocate a second [n, V]
+        s += (z[:, v0:v0 + vc] - m[:, None]).exp_().sum(dim=1)
+    lse = m + s.log()
     logp = z.gather(1, targets[:, None]).squeeze(1) - lse
     g = token_grad(logp).to(acc)
     chain = None

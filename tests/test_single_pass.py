@@ -331,3 +331,29 @@ def test_half_operand_products_of_the_gpu_path(monkeypatch):
     _, gh, _, _ = run(mpo_fast.MPOLoss(backend="torch", frozen_head=True), hidden, weight,
                       targets, rh, rw, train_head=False)
     assert rel_err(gh, gh64) <= 1e-2
+
+
+def test_gpu_modes_driver_dry_run(tmp_path):
+    """bench/modes.py (gpu_suite.sh's "modes" part) at its CPU dry-run shapes, so the
+    prepared GPU measurement cannot rot: every mode row has a time and float64 errors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "bench.modes", "--dry-run", "--no-liger",
+                           "--repeats", "1", "--out", str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "modes.json").read_text())
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"two-pass (paper delta)", "single pass (lagged delta)",
+                         "frozen head (paper delta)"}
+    for impl, row in rows.items():
+        assert "error" not in row, (impl, row.get("error"))
+        assert row["ms"] > 0 and row["err_loss"] < 1e-5 and row["err_dh"] < 1e-2, impl
+    assert result["first_step"] and "first_step_s" in result["first_step"][0]
+    assert "| frozen head (paper delta) | 6 |" in (tmp_path / "modes.md").read_text()
