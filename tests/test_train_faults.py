@@ -444,9 +444,12 @@ from mpo_fast.train import loop
 from mpo_fast.train.loop import train
 
 out, pause = sys.argv[1], float(sys.argv[2])
-real = loop.collate
+real, calls = loop.collate, [0]
 def collate(*a, **k):  # slower micro-batches: a signal lands mid-run, numerics unchanged
-    open(os.path.join(out, "running"), "w").close()
+    calls[0] += 1  # "running" holds the micro-batches this process has started
+    with open(os.path.join(out, "running.tmp"), "w") as f:
+        f.write(str(calls[0]))
+    os.replace(os.path.join(out, "running.tmp"), os.path.join(out, "running"))
     time.sleep(pause)
     return real(*a, **k)
 loop.collate = collate
@@ -467,14 +470,15 @@ def start_victim(tmp_path, out, pause: float) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
-def wait_running(proc, out, timeout=120.0) -> bool:
-    """Until the victim trains (True) or exits (False)."""
-    deadline = time.time() + timeout
-    while not os.path.exists(os.path.join(str(out), "running")):
+def wait_running(proc, out, micro_batches: int = 1, timeout=120.0) -> bool:
+    """Until the victim has started its ``micro_batches``-th micro-batch (True) or exits
+    (False)."""
+    deadline, running = time.time() + timeout, os.path.join(str(out), "running")
+    while not (os.path.exists(running) and int(open(running).read() or 0) >= micro_batches):
         if proc.poll() is not None:
             return False
         assert time.time() < deadline, "the victim never started training"
-        time.sleep(0.02)
+        time.sleep(0.01)
     return True
 
 
@@ -519,18 +523,21 @@ def test_each_stop_signal_to_a_running_process_leaves_an_exact_checkpoint(
 # --------------------------------------------------------------------------- 8. SIGKILLs
 
 
-def kill_and_resume(straight, tmp_path, kills: int) -> None:
-    """``kills`` SIGKILLs at random points of a run (mid-step, mid-save, at start-up), each
+def kill_and_resume(straight, tmp_path, kills: int, every_life_steps: bool) -> None:
+    """``kills`` SIGKILLs at random points of a run (mid-step, mid-save, between steps), each
+    after a random number of micro-batches (enough to finish a step if ``every_life_steps``)
+    and a random delay, each
     followed by a resume; then the run is finished: its final weights, optimizer and BCO
     state are those of the uninterrupted run, and metrics.jsonl has each step once."""
     ref_result, _ = straight
     out = tmp_path / "run"
     rng = random.Random(int(torch.randint(0, 2**31, ())))
+    most = max(h["micro_batches"] for h in ref_result.history) + 1
     done, reached = 0, []
     for _ in range(kills):
-        proc = start_victim(tmp_path, out, pause=0.03)
-        if wait_running(proc, out):
-            time.sleep(rng.uniform(0.0, 0.6))
+        proc = start_victim(tmp_path, out, pause=0.02)
+        if wait_running(proc, out, rng.randint(most if every_life_steps else 1, most + 2)):
+            time.sleep(rng.uniform(0.0, 0.15))
         proc.kill()
         proc.wait()
         done += proc.returncode == 0
@@ -547,12 +554,12 @@ def kill_and_resume(straight, tmp_path, kills: int) -> None:
 
 
 def test_three_random_sigkills_then_resume_end_bit_identical(straight, tmp_path):
-    kill_and_resume(straight, tmp_path, kills=3)
+    kill_and_resume(straight, tmp_path, kills=3, every_life_steps=True)
 
 
 @pytest.mark.slow
 def test_twenty_random_sigkills_then_resume_end_bit_identical(straight, tmp_path):
-    kill_and_resume(straight, tmp_path, kills=20)
+    kill_and_resume(straight, tmp_path, kills=20, every_life_steps=False)
 
 
 NAN_CLI = """
