@@ -255,8 +255,9 @@ def table(result: dict) -> str:
     lines = [f"# MPO head modes on {result['device']} (bf16; torch {result['torch']})", "",
              f"Card bf16 matmul rate, measured in this run: {result['matmul_tflops']:.3g} "
              "TFLOP/s (the denominator of every %).", "",
-             "| shape N x H x V | impl | NHV | ms (median of 3) | spread | % of card | peak "
-             "extra MiB | err loss | err dH | err dW |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape N x H x V | impl | NHV | ms (median) | spread | % of card | peak "
+             "extra MiB | err loss | err dH | err dW |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)

@@ -11,8 +11,9 @@ Three small kernels, in the order they run, none of which syncs with the host:
    in closed form (derivations beside each term). One program sees every pair, so the batch
    means, the SFT token count and the BCO shift need no second pass. The SFT term is either
    the token mean -sum(c) / sum(L_c) or, with SFT_PER_SEQUENCE, the mean over pairs of
-   -c_i / L_c_i (each answer by its own length). B is at most MAX_PAIRS;
-   BLOCK_B = next power of two >= B keeps them all in registers.
+   -c_i / L_c_i (each answer by its own length). B is at most MAX_PAIRS, a runtime
+   argument: the program loops over blocks of PAIR_BLOCK pairs (a first loop sums the SFT
+   token count), so one compiled kernel serves every batch size.
 3. `_broadcast_kernel` (backward, one program per sequence): grad_logp[t] = g[s] for t in s,
    where g = dL_total/dseq (coef * upstream grad, plus any gradient on the sequence log-probs).
 
@@ -60,6 +61,12 @@ LOGPS_REJECTED = tl.constexpr(5)  # r
 NLL = tl.constexpr(6)  # the SFT term (either normalization), also when it is not weighted in
 DELTA = tl.constexpr(7)  # the BCO shift used
 NUM_METRICS = 8
+TERM_LANES = tl.constexpr(16)  # >= NUM_TERMS: the kernel's per-term sums, lane = bit
+METRIC_LANES = tl.constexpr(8)  # = NUM_METRICS: its metric sums, lane = slot
+# Pairs per step of the pair-terms kernel's loop: a fixed block, so one compiled kernel serves
+# every pair count (B is a runtime argument, not specialized on); 256 lanes keep the ~30 live
+# per-pair vectors of one program in registers.
+PAIR_BLOCK = 256
 
 MAX_PAIRS = 8192
 TOKEN_BLOCK = 1024  # tokens per step in the segment kernels: one coalesced fp32 vector
@@ -73,7 +80,7 @@ def _bounds(Cu, s, N):
     return start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _segment_sums_kernel(Logp, RefLogp, Cu, Seq, RefSeq, N,
                          HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
@@ -91,7 +98,7 @@ def _segment_sums_kernel(Logp, RefLogp, Cu, Seq, RefSeq, N,
         tl.store(RefSeq + s, tl.sum(ref_acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _broadcast_kernel(G, Cu, Out, N, BLOCK: tl.constexpr):
     s = tl.program_id(0)
     start, end = _bounds(Cu, s, N)
@@ -128,22 +135,75 @@ def _expm1(x):
 
 
 @triton.jit
-def _add_term(K: tl.constexpr, loss, dzc, dzr, m, W, TermMetrics, inv_b, total, gc, gr):
-    """Record term K's mean, add w_K * mean to the total, w_K / B * d/dz to the coefficients."""
-    term = tl.sum(tl.where(m, loss, 0.0), axis=0) * inv_b
-    w = tl.load(W + K)
-    tl.store(TermMetrics + K, term)
-    return total + w * term, gc + w * inv_b * dzc, gr + w * inv_b * dzr
+def _lane_add(acc, K, part, LANES: tl.constexpr):
+    """acc[K] += part for a [LANES] accumulator (lane K holds one named sum)."""
+    return acc + tl.where(tl.arange(0, LANES) == K, part, 0.0)
 
 
 @triton.jit
+def _add_term(K: tl.constexpr, loss, dzc, dzr, m, W, terms, inv_b, total, gc, gr):
+    """Add this block's term-K losses to its sum (lane K of `terms`) and w_K / B of them to
+    the total; w_K / B * d/dz to the block's coefficients."""
+    part = tl.sum(tl.where(m, loss, 0.0), axis=0)
+    w = tl.load(W + K)
+    terms = _lane_add(terms, K, part, TERM_LANES)
+    return total + w * part * inv_b, terms, gc + w * inv_b * dzc, gr + w * inv_b * dzr
+
+
+@triton.jit(do_not_specialize=["B"])
 def _pair_terms_kernel(
     Seq, Ref, Count, Delta, W, Loss, Metrics, TermMetrics, Coef,
     B, beta, e, tau, orpo_cap, sft_tokens,
     TYPES: tl.constexpr, SFT_PER_SEQUENCE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     types = tl.constexpr(TYPES)  # (a plain int under the interpreter: `>>` needs a constexpr)
-    i = tl.arange(0, BLOCK_B)
+    lane = tl.arange(0, BLOCK_B)
+    inv_b = 1.0 / B
+    half_inv_beta = 0.5 / beta
+    delta = tl.load(Delta)
+    zero = tl.sum(tl.zeros((BLOCK_B,), dtype=tl.float32), axis=0)  # an fp32 scalar
+    # Pass 1 (token-mean SFT only): its denominator, the batch's chosen tokens unless given.
+    tokens = zero + 1.0
+    if not SFT_PER_SEQUENCE:
+        counted = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            counted += tl.load(Count + b0 + lane, mask=b0 + lane < B, other=0.0)
+        tokens = tl.maximum(tl.sum(counted, axis=0), 1.0)
+        tokens = tl.where(sft_tokens > 0.0, sft_tokens, tokens)
+    # Pass 2: BLOCK_B pairs at a time; sums over pairs in lanes (terms: lane = bit,
+    # sums: lane = metric slot), coefficients stored per block.
+    total = zero
+    terms = tl.zeros((TERM_LANES,), dtype=tl.float32)
+    sums = tl.zeros((METRIC_LANES,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        total, terms, sums = _pair_block(
+            Seq, Ref, Count, W, Coef, b0 + lane, B, beta, e, tau, orpo_cap, delta, tokens,
+            inv_b, half_inv_beta, total, terms, sums, types, SFT_PER_SEQUENCE, BLOCK_B)
+
+    if SFT_PER_SEQUENCE:  # mean_i(-c_i / L_c_i)
+        nll = -tl.sum(tl.where(tl.arange(0, METRIC_LANES) == NLL, sums, 0.0), axis=0) * inv_b
+    else:  # -sum(c) / T
+        nll = -tl.sum(tl.where(tl.arange(0, METRIC_LANES) == LOGPS_CHOSEN, sums, 0.0),
+                      axis=0) / tokens
+    term_lane = tl.arange(0, TERM_LANES)
+    if (types >> SFT) & 1:
+        total += tl.load(W + SFT) * nll
+        terms = tl.where(term_lane == SFT, nll / inv_b, terms)
+    active = ((tl.full((TERM_LANES,), TYPES, tl.int32) >> term_lane) & 1) == 1
+    tl.store(TermMetrics + term_lane, terms * inv_b, mask=active)
+    slot = tl.arange(0, METRIC_LANES)
+    means = tl.where(slot == NLL, nll, sums * inv_b)
+    tl.store(Metrics + slot, tl.where(slot == DELTA, delta, means))
+    tl.store(Loss, total)
+
+
+@triton.jit
+def _pair_block(
+    Seq, Ref, Count, W, Coef, i, B, beta, e, tau, orpo_cap, delta, tokens, inv_b,
+    half_inv_beta, total, terms, sums,
+    types: tl.constexpr, SFT_PER_SEQUENCE: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Pairs i (a block, masked past B): their terms, metric sums and coefficients."""
     m = i < B
     c = tl.load(Seq + i, mask=m, other=0.0)
     r = tl.load(Seq + B + i, mask=m, other=0.0)
@@ -152,69 +212,65 @@ def _pair_terms_kernel(
     nc = tl.load(Count + i, mask=m, other=0.0)
     lc = tl.maximum(nc, 1.0)
     lr = tl.maximum(tl.load(Count + B + i, mask=m, other=0.0), 1.0)
-    delta = tl.load(Delta)
     zc = c - c0
     zr = r - r0
     u = beta * (zc - zr)
-    inv_b = 1.0 / B
-    half_inv_beta = 0.5 / beta
-    total = 0.0
     gc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     gr = tl.zeros((BLOCK_B,), dtype=tl.float32)
     # Terms in u: dl/dzc = beta dl/du, dl/dzr = -beta dl/du.
     if (types >> SIGMOID) & 1:
         du = -(1.0 - e) * _sig(-u) + e * _sig(u)
         loss = -(1.0 - e) * _ls(u) - e * _ls(-u)
-        total, gc, gr = _add_term(SIGMOID, loss, beta * du, -beta * du,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(SIGMOID, loss, beta * du, -beta * du,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> HINGE) & 1:
         du = tl.where(u < 1.0, -1.0, 0.0)
-        total, gc, gr = _add_term(HINGE, tl.maximum(1.0 - u, 0.0), beta * du, -beta * du,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(HINGE, tl.maximum(1.0 - u, 0.0), beta * du, -beta * du,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> IPO) & 1:  # x^2, x = zc/L_c - zr/L_r - 1/(2 beta)
         x = zc / lc - zr / lr - half_inv_beta
-        total, gc, gr = _add_term(IPO, x * x, 2.0 * x / lc, -2.0 * x / lr,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(IPO, x * x, 2.0 * x / lc, -2.0 * x / lr,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> ROBUST) & 1:
         du = (-(1.0 - e) * _sig(-u) - e * _sig(u)) / (1.0 - 2.0 * e)
         loss = (-(1.0 - e) * _ls(u) + e * _ls(-u)) / (1.0 - 2.0 * e)
-        total, gc, gr = _add_term(ROBUST, loss, beta * du, -beta * du,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(ROBUST, loss, beta * du, -beta * du,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> BCO_PAIR) & 1:  # -ls(a) - ls(-b), a = beta zc - delta, b = beta zr - delta
         a = beta * zc - delta
         b = beta * zr - delta
-        total, gc, gr = _add_term(BCO_PAIR, -_ls(a) - _ls(-b), -beta * _sig(-a),
-                                  beta * _sig(b), m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(BCO_PAIR, -_ls(a) - _ls(-b), -beta * _sig(-a),
+                                  beta * _sig(b), m, W, terms, inv_b, total, gc, gr)
     if (types >> SPPO_HARD) & 1:  # (zc - h)^2 + (zr + h)^2, h = 1/(2 beta)
         xc = zc - half_inv_beta
         xr = zr + half_inv_beta
-        total, gc, gr = _add_term(SPPO_HARD, xc * xc + xr * xr, 2.0 * xc, 2.0 * xr,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(SPPO_HARD, xc * xc + xr * xr, 2.0 * xc, 2.0 * xr,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> NCA_PAIR) & 1:  # -ls(a) - ls(-a)/2 - ls(-b)/2, a = beta zc, b = beta zr
         a = beta * zc
         b = beta * zr
         loss = -_ls(a) - 0.5 * _ls(-a) - 0.5 * _ls(-b)
-        total, gc, gr = _add_term(NCA_PAIR, loss, beta * (0.5 * _sig(a) - _sig(-a)),
-                                  0.5 * beta * _sig(b), m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(NCA_PAIR, loss, beta * (0.5 * _sig(a) - _sig(-a)),
+                                  0.5 * beta * _sig(b), m, W, terms, inv_b, total, gc, gr)
     if (types >> EXO_PAIR) & 1:
         # d/du = s(u) s(-u) (u - log(1-e) + log e)
         log_1me = tl.log(1.0 - e)
         log_e = tl.log(e)
         loss = _sig(u) * (_ls(u) - log_1me) + _sig(-u) * (_ls(-u) - log_e)
         du = _sig(u) * _sig(-u) * (u - log_1me + log_e)
-        total, gc, gr = _add_term(EXO_PAIR, loss, beta * du, -beta * du,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(EXO_PAIR, loss, beta * du, -beta * du,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> APO_ZERO) & 1:
         sa = _sig(beta * zc)
         sb = _sig(beta * zr)
-        total, gc, gr = _add_term(APO_ZERO, 1.0 - sa + sb, -beta * sa * (1.0 - sa),
-                                  beta * sb * (1.0 - sb), m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(APO_ZERO, 1.0 - sa + sb, -beta * sa * (1.0 - sa),
+                                  beta * sb * (1.0 - sb), m, W, terms, inv_b, total, gc, gr)
     if (types >> APO_DOWN) & 1:
         sa = _sig(beta * zc)
         su = _sig(u)
         dzc = beta * (sa * (1.0 - sa) - su * (1.0 - su))
-        total, gc, gr = _add_term(APO_DOWN, sa + 1.0 - su, dzc, beta * su * (1.0 - su),
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(APO_DOWN, sa + 1.0 - su, dzc, beta * su * (1.0 - su),
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> DISCOPOP) & 1:  # mu = s(u / tau)
         # d/du = mu (1-mu)/tau ls(u) - (1-mu) s(-u) + mu exp(-u) ((1-mu)/tau - 1)
         mu = _sig(u / tau)
@@ -222,8 +278,8 @@ def _pair_terms_kernel(
         loss = (1.0 - mu) * -_ls(u) + mexp
         du = (mu * (1.0 - mu) / tau * _ls(u) - (1.0 - mu) * _sig(-u)
               + mexp * ((1.0 - mu) / tau - 1.0))
-        total, gc, gr = _add_term(DISCOPOP, loss, beta * du, -beta * du,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(DISCOPOP, loss, beta * du, -beta * du,
+                                  m, W, terms, inv_b, total, gc, gr)
     if (types >> ORPO) & 1:  # -beta ls(lo), lo = a - b - log(-expm1 a) + log(-expm1 b)
         # a = c/L_c and b = r/L_r capped at orpo_cap (no gradient past the cap);
         # d lo/da = -1/expm1(a), d lo/db = 1/expm1(b)
@@ -237,38 +293,32 @@ def _pair_terms_kernel(
         dlo = -beta * _sig(-lo)
         dc = tl.where(a_raw <= orpo_cap, dlo * (-1.0 / ema) / lc, 0.0)
         dr = tl.where(b_raw <= orpo_cap, dlo * (1.0 / emb) / lr, 0.0)
-        total, gc, gr = _add_term(ORPO, -beta * _ls(lo), dc, dr,
-                                  m, W, TermMetrics, inv_b, total, gc, gr)
+        total, terms, gc, gr = _add_term(ORPO, -beta * _ls(lo), dc, dr,
+                                  m, W, terms, inv_b, total, gc, gr)
 
     # SFT, also the nll metric. Per sequence: mean_i(-c_i / L_c_i), d/dc_i = -1 / (B L_c_i).
     # Token mean: -sum(c) / T, T = sft_tokens when > 0 (given from outside), else the chosen
-    # tokens in the batch (>= 1); d/dc_i = -1 / T.
+    # tokens in the batch (>= 1, pass 1); d/dc_i = -1 / T.
     if SFT_PER_SEQUENCE:
-        nll = -tl.sum(tl.where(m, c / lc, 0.0), axis=0) * inv_b
+        sums = _lane_add(sums, NLL, tl.sum(tl.where(m, c / lc, 0.0), axis=0), METRIC_LANES)
         dnll = -inv_b / lc
     else:
-        tokens = tl.maximum(tl.sum(tl.where(m, nc, 0.0), axis=0), 1.0)
-        tokens = tl.where(sft_tokens > 0.0, sft_tokens, tokens)
-        nll = -tl.sum(tl.where(m, c, 0.0), axis=0) / tokens
         dnll = tl.zeros((BLOCK_B,), dtype=tl.float32) - 1.0 / tokens
     if (types >> SFT) & 1:
-        w = tl.load(W + SFT)
-        tl.store(TermMetrics + SFT, nll)
-        total += w * nll
-        gc += w * dnll
+        gc += tl.load(W + SFT) * dnll
 
-    tl.store(Loss, total)
-    tl.store(Metrics + REWARDS_CHOSEN, tl.sum(tl.where(m, beta * zc, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + REWARDS_REJECTED, tl.sum(tl.where(m, beta * zr, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + REWARDS_ACCURACIES,
-             tl.sum(tl.where(m & (zc > zr), 1.0, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + REWARDS_MARGINS, tl.sum(tl.where(m, u, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + LOGPS_CHOSEN, tl.sum(tl.where(m, c, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + LOGPS_REJECTED, tl.sum(tl.where(m, r, 0.0), axis=0) * inv_b)
-    tl.store(Metrics + NLL, nll)
-    tl.store(Metrics + DELTA, delta)
+    sums = _lane_add(sums, REWARDS_CHOSEN, tl.sum(tl.where(m, beta * zc, 0.0), axis=0),
+                     METRIC_LANES)
+    sums = _lane_add(sums, REWARDS_REJECTED, tl.sum(tl.where(m, beta * zr, 0.0), axis=0),
+                     METRIC_LANES)
+    sums = _lane_add(sums, REWARDS_ACCURACIES,
+                     tl.sum(tl.where(m & (zc > zr), 1.0, 0.0), axis=0), METRIC_LANES)
+    sums = _lane_add(sums, REWARDS_MARGINS, tl.sum(tl.where(m, u, 0.0), axis=0), METRIC_LANES)
+    sums = _lane_add(sums, LOGPS_CHOSEN, tl.sum(tl.where(m, c, 0.0), axis=0), METRIC_LANES)
+    sums = _lane_add(sums, LOGPS_REJECTED, tl.sum(tl.where(m, r, 0.0), axis=0), METRIC_LANES)
     tl.store(Coef + i, gc, mask=m)
     tl.store(Coef + B + i, gr, mask=m)
+    return total, terms, sums
 
 
 def segment_sums(logp, ref_logp, cu_seqlens, num_tokens):
@@ -318,6 +368,5 @@ def pair_terms(seq, ref_seq, count, delta, types, term_weights, beta, label_smoo
     _pair_terms_kernel[(1,)](
         seq, ref_seq, count, delta, term_weights, loss, out, out[NUM_METRICS:], coef,
         B, float(beta), float(label_smoothing), float(tau), float(orpo_cap), float(sft_tokens),
-        TYPES=types, SFT_PER_SEQUENCE=bool(sft_per_sequence),
-        BLOCK_B=max(16, triton.next_power_of_2(B)))
+        TYPES=types, SFT_PER_SEQUENCE=bool(sft_per_sequence), BLOCK_B=PAIR_BLOCK)
     return loss, out, coef

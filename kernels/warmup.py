@@ -52,3 +52,35 @@ def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None
                     **flags, **cfg.launch_kwargs())
                 compiled += 1
     return compiled
+
+
+def warmup_epilogue(types: int, sft_per_sequence: bool,
+                    device: torch.device | str | None = None) -> int:
+    """Compile the loss epilogue's kernels: the segment sums (with and without a reference),
+    the broadcast, and the pair terms for these term bits and SFT normalization.
+
+    Their integer arguments (token count N, pair count B) are not specialized on and the pair
+    terms loop over a fixed block of pairs, so these variants serve every batch. Returns how
+    many were compiled (0 under the interpreter or off CUDA).
+    """
+    device = torch.device(device or "cuda")
+    if interpreting() or device.type != "cuda":
+        return 0
+    from .loss_epilogue import (
+        PAIR_BLOCK,
+        TOKEN_BLOCK,
+        _broadcast_kernel,
+        _pair_terms_kernel,
+        _segment_sums_kernel,
+    )
+
+    f32, i32 = torch.float32, torch.int32
+    with torch.cuda.device(device):
+        for has_ref in (False, True):
+            _segment_sums_kernel.warmup(f32, f32, i32, f32, f32, 4096, grid=(1,),
+                                        HAS_REF=has_ref, BLOCK=TOKEN_BLOCK)
+        _broadcast_kernel.warmup(f32, i32, f32, 4096, grid=(1,), BLOCK=TOKEN_BLOCK)
+        _pair_terms_kernel.warmup(f32, f32, f32, f32, f32, f32, f32, f32, f32,
+                                  16, 0.1, 0.0, 0.05, -1e-6, 0.0, grid=(1,), TYPES=types,
+                                  SFT_PER_SEQUENCE=bool(sft_per_sequence), BLOCK_B=PAIR_BLOCK)
+    return 4

@@ -144,17 +144,18 @@ def epilogue_variants(quick: bool):
            "RefSeq": "*fp32", "Count": "*fp32", "ignore_index": "i32", "G": "*fp32",
            "Out": "*fp32", "Ref": "*fp32", "Delta": "*fp32", "W": "*fp32", "Loss": "*fp32",
            "Metrics": "*fp32", "TermMetrics": "*fp32", "Coef": "*fp32", "B": "i32", "N": "i32",
-           "beta": "fp32", "e": "fp32", "tau": "fp32", "orpo_cap": "fp32"}
+           "beta": "fp32", "e": "fp32", "tau": "fp32", "orpo_cap": "fp32", "sft_tokens": "fp32"}
     values = {name: "ptr" for name, t in seg.items() if t.startswith("*")}
     block = {"BLOCK": loss_epilogue.TOKEN_BLOCK}
     yield ("segment_sums", loss_epilogue._segment_sums_kernel, seg, values,
            {"HAS_REF": True, **block})
     yield ("broadcast", loss_epilogue._broadcast_kernel, seg, values, block)
     every_type = loss_epilogue.ALL_TERMS
-    for block_b in (16,) if quick else (16, loss_epilogue.MAX_PAIRS):
-        for per_sequence in (False, True):  # the SFT token mean, or the per-sequence mean
-            yield ("pair_terms", loss_epilogue._pair_terms_kernel, seg, values,
-                   {"TYPES": every_type, "SFT_PER_SEQUENCE": per_sequence, "BLOCK_B": block_b})
+    for per_sequence in (False, True):  # the SFT token mean, or the per-sequence mean
+        # the one block size the launcher uses, whatever the pair count
+        yield ("pair_terms", loss_epilogue._pair_terms_kernel, seg, values,
+               {"TYPES": every_type, "SFT_PER_SEQUENCE": per_sequence,
+                "BLOCK_B": loss_epilogue.PAIR_BLOCK})
 
 
 def main(quick: bool) -> None:

@@ -357,3 +357,56 @@ def test_gpu_modes_driver_dry_run(tmp_path):
         assert row["ms"] > 0 and row["err_loss"] < 1e-5 and row["err_dh"] < 1e-2, impl
     assert result["first_step"] and "first_step_s" in result["first_step"][0]
     assert "| frozen head (paper delta) | 6 |" in (tmp_path / "modes.md").read_text()
+
+
+# ------------------------------------------------------- the pair-terms kernel's variants
+
+
+@pytest.mark.parametrize("sft_normalize", ["token", "sequence"])
+def test_pair_terms_kernel_one_variant_for_every_pair_count(sft_normalize, monkeypatch):
+    """The fused pair terms loop over a fixed block of pairs: the same constexprs for every
+    B (so one compiled kernel on the GPU), and exact across block boundaries."""
+    from mpo_fast.epilogue import _fused_pair_terms, _torch_pair_terms
+    from mpo_fast.kernels import loss_epilogue as k
+
+    real = k._pair_terms_kernel
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launches.append(tuple(sorted(meta.items())))
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(k, "_pair_terms_kernel", Recorder())
+    cfg = LossConfig(("sigmoid", "bco_pair", "ipo", "sft"), (0.8, 0.2, 0.1, 1.0),
+                     bco_delta="lagged", sft_normalize=sft_normalize)
+    for B in (1, 3, 16, 17, k.PAIR_BLOCK, k.PAIR_BLOCK + 1, 2 * k.PAIR_BLOCK + 37):
+        seq = -5 * torch.rand(2 * B) - 1
+        ref = seq + 0.3 * torch.randn(2 * B)
+        count = torch.randint(0, 9, (2 * B,)).float()
+        state, t_state = mpo_fast.losses.new_bco_state(), mpo_fast.losses.new_bco_state()
+        loss, vec, coef = _fused_pair_terms(seq, ref, count, cfg, state)
+        t_loss, t_vec, t_coef = _torch_pair_terms(seq, ref, count, cfg, t_state)
+        assert abs(loss.item() - t_loss.item()) <= 1e-5 * max(1.0, abs(t_loss.item())), B
+        assert torch.allclose(vec, t_vec.float(), rtol=1e-5, atol=1e-6), B
+        assert rel_err(coef, t_coef) <= 1e-5, B
+    assert len(set(launches)) == 1, set(launches)  # B is a runtime argument only
+
+
+def test_epilogue_kernels_do_not_specialize_on_counts():
+    """On the GPU the JIT would specialize integer arguments (== 1, divisible by 16); the
+    pair count B and token count N opt out, so no batch shape compiles a new variant."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mpo_fast.kernels import loss_epilogue as k\n"
+            "for f, n in ((k._pair_terms_kernel, 'B'), (k._segment_sums_kernel, 'N'),"
+            " (k._broadcast_kernel, 'N')):\n"
+            "    assert [p.do_not_specialize for p in f.params if p.name == n] == [True], n\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
