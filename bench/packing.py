@@ -22,8 +22,6 @@ Writes packing.md to the output folder (see bench/report.py). Every number is fr
 from __future__ import annotations
 
 import math
-import os
-import platform
 import resource
 import statistics
 import time
@@ -33,6 +31,7 @@ import torch
 
 from bench.report import markdown_table
 from mpo_fast import packing
+from mpo_fast.measure import device_name
 
 # (S, T, H, dtype, lengths) per device; "uniform" lengths are drawn from 1..T, "realistic" from
 # the prompt + completion distribution below (clipped to T), "full" are all T.
@@ -213,16 +212,9 @@ def speed_report(device: torch.device, quick: bool, gen: torch.Generator) -> str
 
 
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    """The device (`mpo_fast.measure.device_name`), torch's threads and version."""
+    threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
+    return f"{device_name(device)}{threads}, torch {torch.__version__}"
 
 
 def run(device: torch.device, quick: bool, out: Path, seed: int = 0) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mpo_fast.measure import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"  # committed results, one folder per run
 RUNS = Path("runs")  # default output, relative to the working directory; /runs/ is git-ignored
 
@@ -22,7 +24,7 @@ RUNS = Path("runs")  # default output, relative to the working directory; /runs/
 def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    name = device_name(device).lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
 
 

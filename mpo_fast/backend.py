@@ -1,8 +1,8 @@
-"""Choosing an implementation: one word, ``backend``, for every op; one place reads the
-environment.
+"""Choosing an implementation: one word, ``backend``, for every op, and the one reader of the
+environment variables that override that choice.
 
     op           backend=                               environment override
-    head         "auto" | "triton" | "torch"            MPO_FAST_BACKEND
+    logprobs     "auto" | "triton" | "torch"            MPO_FAST_BACKEND
                  (fused_logprobs, MPOLoss and its loss epilogue)
     packing      "auto" | "extension" | "torch"         MPO_FAST_PACKING
     attention    "auto" | "flash_attn" | "varlen" | "sdpa"
@@ -10,6 +10,12 @@ environment.
 ``"auto"`` lets the op pick for the tensors it is given (and is where an environment override
 applies); an explicit value always wins over the environment. The environment is read at
 every call, so setting a variable in a running process takes effect at the next call.
+`mpo_fast.packing.active_backend()` answers in these words.
+
+Other environment variables are tuning knobs, not backend choices, and are read where they are
+used: MPO_FAST_WORKSPACE_MB (torch_backend.py and kernels/logprob_backward.py),
+MPO_FAST_AUTOTUNE and MPO_FAST_CACHE_DIR (kernels/configs.py), TRITON_INTERPRET (here, and in
+kernels/tl_utils.py: kernels/ imports nothing from mpo_fast), MPO_FAST_DEBUG (console.py).
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ from __future__ import annotations
 import os
 
 CHOICES = {
-    "head": ("auto", "triton", "torch"),
+    "logprobs": ("auto", "triton", "torch"),
     "packing": ("auto", "extension", "torch"),
     "attention": ("auto", "flash_attn", "varlen", "sdpa"),
 }
-ENV_VARS = {"head": "MPO_FAST_BACKEND", "packing": "MPO_FAST_PACKING"}
+ENV_VARS = {"logprobs": "MPO_FAST_BACKEND", "packing": "MPO_FAST_PACKING"}
 
 
 def requested(op: str, backend: str) -> str:
@@ -42,7 +48,7 @@ def requested(op: str, backend: str) -> str:
 
 
 def triton_available() -> bool:
-    """Whether the ``triton`` package imports (the "triton" head backend needs it)."""
+    """Whether the ``triton`` package imports (the "triton" logprobs backend needs it)."""
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -1,6 +1,7 @@
-"""How a step's time and peak extra memory are measured, and what the device is called: one
-implementation for the benchmarks (bench/, which adds the matmul rate and process isolation)
-and the trainer's demo (`cost`).
+"""How time and memory are measured, and what the device is called: the one implementation,
+used by the benchmarks (bench/ adds the matmul rate and process isolation), the trainer's
+demo (`cost`), its metrics (`peak_bytes`) and the harnesses in bench/ (`peak_start` /
+`peak_since` around a step someone else's loop runs).
 
 - Time: median of `repeats` runs after `warmup` runs; CUDA events on the GPU, perf_counter on
   the CPU (where the op is synchronous).
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["cost", "device_name", "peak_extra_bytes", "peak_since", "peak_start",
+__all__ = ["cost", "device_name", "peak_bytes", "peak_extra_bytes", "peak_since", "peak_start",
            "pin_mmap_threshold", "sync", "time_ms"]
 
 
@@ -79,6 +80,17 @@ def peak_since(device: torch.device, baseline: int) -> int:
         sync(device)
         return torch.cuda.max_memory_allocated(device) - baseline
     return max(0, _proc_status_kib("VmHWM") * 1024 - baseline)
+
+
+def peak_bytes(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's peak on a GPU, the process's peak resident set
+    (VmHWM) on the CPU; NaN where neither can be read."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        return float(_proc_status_kib("VmHWM") * 1024)
+    except (OSError, RuntimeError):
+        return float("nan")
 
 
 def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:

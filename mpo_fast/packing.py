@@ -20,8 +20,9 @@ Backends. The ops live in the compiled extension `mpo_fast._C` (torch custom ops
 `torch.ops.mpo_fast.*`, CPU kernels and, when built with nvcc, CUDA kernels; Meta kernels make
 them traceable by torch.compile). Without the extension, or for a device it has no kernel for,
 the same functions run a pure-torch fallback (index_select / index_copy_). `backend()` says
-which one serves CUDA tensors if a GPU is present, else CPU tensors. Every function takes
-``backend="auto" | "extension" | "torch"``; with "auto", the environment variable
+where it runs for CUDA tensors if a GPU is present, else CPU tensors ("cuda" | "cpu" |
+"torch"); `active_backend(device)` answers in the words every function's ``backend=`` takes,
+``"extension" | "torch"``; with "auto", the environment variable
 MPO_FAST_PACKING=torch|extension (read at every call, see `mpo_fast.backend`) decides.
 
 Host syncs. `pack` reads ``lengths`` on the host once, to size the output and check the values
@@ -49,6 +50,7 @@ except ImportError:  # not built: the pure-torch fallback serves every call
 
 __all__ = [
     "Packed",
+    "active_backend",
     "backend",
     "pack",
     "pack_values",
@@ -64,17 +66,18 @@ _INT32_MAX = 2**31 - 1
 
 
 def backend() -> str:
-    """Which implementation packs: ``"cuda"`` (compiled CUDA kernels, used when a GPU is
-    present), ``"cpu"`` (compiled CPU kernels) or ``"torch"`` (the pure-torch fallback)."""
-    return _active()
+    """Where packing runs: ``"cuda"`` (compiled CUDA kernels, used when a GPU is present),
+    ``"cpu"`` (compiled CPU kernels) or ``"torch"`` (the pure-torch fallback)."""
+    device = "cuda" if _EXT_CUDA and torch.cuda.is_available() else "cpu"
+    return "torch" if active_backend(device) == "torch" else device
 
 
-def _active() -> str:  # `backend()` under a name the ``backend=`` arguments do not shadow
-    if requested("packing", "auto") == "torch" or not _EXT_CPU:
-        return "torch"
-    if _EXT_CUDA and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+def active_backend(device: torch.device | str | None = None) -> str:
+    """What ``backend="auto"`` runs for tensors on ``device`` (default: CUDA when a GPU is
+    present, else the CPU), in the words ``backend=`` takes: ``"extension"`` or ``"torch"``."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "extension" if _use_extension(torch.device(device), "auto") else "torch"
 
 
 # --------------------------------------------------------------------------- public API
@@ -438,7 +441,7 @@ def _use_extension(device: torch.device, backend: str) -> bool:
     available = (device.type == "cpu" and _EXT_CPU) or (device.type == "cuda" and _EXT_CUDA)
     if choice == "extension" and not available:
         raise RuntimeError(f"backend='extension' but the packing extension has no kernel for "
-                           f"{device.type} tensors (packing.backend() = {_active()!r})")
+                           f"{device.type} tensors (packing.backend() = {backend()!r})")
     return available
 
 

@@ -368,6 +368,22 @@ def test_backend_reports_the_active_implementation(monkeypatch):
     assert (name == "torch") == (not HAS_EXT)
 
 
+def test_active_backend_answers_in_the_words_backend_takes(monkeypatch):
+    """active_backend(device) is what backend="auto" runs, in backend='s own words: passing
+    the answer back as backend= runs the same implementation."""
+    monkeypatch.delenv("MPO_FAST_PACKING", raising=False)
+    for device in DEVICES:
+        word = packing.active_backend(device)
+        assert word in packing.BACKENDS and word != "auto"
+        if device == "cpu":
+            assert (word == "extension") == HAS_EXT
+        x, lengths = torch.randn(3, 5, device=device), torch.tensor([2, 5, 0], device=device)
+        assert torch.equal(packing.pack(x, lengths, backend=word).tokens,
+                           packing.pack(x, lengths).tokens)
+    monkeypatch.setenv("MPO_FAST_PACKING", "torch")
+    assert packing.active_backend("cpu") == "torch"
+
+
 def test_environment_override_is_read_at_every_call(monkeypatch):
     """MPO_FAST_PACKING applies to backend="auto" from the next call on; explicit wins."""
     x, lengths = torch.randn(3, 5), torch.tensor([2, 5, 0])

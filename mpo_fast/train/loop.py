@@ -33,6 +33,7 @@ import torch
 
 from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
+from ..measure import peak_bytes
 from ..mpo import MPOLoss
 from . import checkpoint, distributed, reference
 from .config import TrainConfig, identity_changes
@@ -441,14 +442,8 @@ def tokenize_pair(tokenize: PairTokenizer, examples, i: int, cfg: TrainConfig, b
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far: the CUDA allocator's on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak memory so far (`mpo_fast.measure.peak_bytes`), in MiB."""
+    return peak_bytes(device) / 2**20
 
 
 def progress_bar(cfg: TrainConfig, ctx, total: int, step: int):
