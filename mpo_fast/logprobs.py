@@ -195,18 +195,32 @@ def use_frozen_head(frozen_head, impl, hidden, weight, bias) -> bool:
 
 def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
            device: torch.device | str = "cuda", *, bias: bool = False,
-           softcap: float | None = None) -> int:
+           softcap: float | None = None, loss=None) -> int:
     """Compile the Triton kernels for an LM head [V, H] of `dtype` ahead of the first step.
 
     The first `fused_logprobs` / `MPOLoss` call otherwise pays Triton's compilation (a few
     seconds per kernel). Nothing is launched or allocated. Returns how many kernel variants
     were compiled (0 where the Triton backend is not used: CPU, interpreter, no triton).
+
+    `loss`: the `MPOLoss` (or its `LossConfig`) the steps will run; the loss epilogue's kernels
+    (segment sums, broadcast, the pair terms of its loss types and SFT normalization) are
+    compiled for it too. None means MPO's default configuration. No kernel specializes on the
+    token or pair count, so these variants serve every batch.
     """
     if not triton_available() or torch.device(device).type != "cuda":
         return 0
+    from .epilogue import kernel_bits
     from .kernels.warmup import warmup as compile_kernels
+    from .kernels.warmup import warmup_epilogue
+    from .losses import LossConfig
 
-    return compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
+    compiled = compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
+    cfg = LossConfig() if loss is None else getattr(loss, "loss_config", loss)
+    bits = kernel_bits()
+    if set(cfg.loss_types) <= bits.keys():  # (the batch-sorting aot losses run in torch)
+        types = sum(1 << bits[t] for t in cfg.loss_types)
+        compiled += warmup_epilogue(types, cfg.sft_normalize == "sequence", device)
+    return compiled
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
