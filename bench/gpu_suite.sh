@@ -103,7 +103,7 @@ fi
 if has train; then  # issue 10's GPU number; the dry run is a toy shape on the CPU
   if [ "$DRY" = 1 ]; then SHAPE=(--vocab 2000 --hidden 64 --layers 2 --heads 4 --pairs 2)
   else SHAPE=(--vocab 151936 --hidden 896 --layers 24 --heads 14 --pairs 16); fi
-  step train 240 python3 -m mpo_fast.train.compare "${SHAPE[@]}" --dtype bf16 --repeats 3 \
+  step train 240 python3 -m bench.train_step "${SHAPE[@]}" --dtype bf16 --repeats 3 \
     2>&1 | tee "$OUT/train.txt" | tee -a "$OUT/suite.log"
 fi
 if [ -d "$OUT/results" ]; then
