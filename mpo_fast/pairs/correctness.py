@@ -10,6 +10,13 @@ tokens: the authors' settings) under a chain-of-thought instruction that ends in
                 (seeded by the run's seed and the question id)
     format    = (correct, unparseable), at most M, a separate set (its own jsonl)
 
+Direct-answer pairs (``CorrectnessConfig.mode="direct"``; the paper makes pairs of both kinds):
+the question is asked as given (with its direct-answer instruction, e.g. "Answer the question
+using a single word or phrase."), each response is graded leniently (the whole response is the
+answer when it has no "Final Answer:" line, `answers.extract_answer`), and correct is paired
+against incorrect by the same rules; a direct answer has no format set (only an empty one is
+unreadable, and it is never paired).
+
 Empty and whitespace-only responses are never paired, on either side: they count as format
 failures in the statistics (and as "empty"), but a rejected answer must be a real answer (the
 trainer's loader refuses an empty one).
@@ -33,7 +40,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .answers import match_answer, parse_response
+from .answers import extract_answer, match_answer, parse_response
 from .generate import Generator, Prompt
 from .io import PairWriter, image_list, load_images, question_with_images
 
@@ -59,11 +66,14 @@ class CorrectnessConfig:
     instruction: str = COT_INSTRUCTION  # must contain "{question}"
     rel_tol: float = 1e-6  # numeric answers
     threshold: float = 0.85  # edit-distance similarity for short strings
+    mode: str = "cot"  # "cot": under `instruction`; "direct": the question as given
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_pairs < 0:
             raise ValueError(f"num_samples must be >= 1 and max_pairs >= 0, got "
                              f"{self.num_samples} and {self.max_pairs}")
+        if self.mode not in ("cot", "direct"):
+            raise ValueError(f"mode must be 'cot' or 'direct', got {self.mode!r}")
         if "{question}" not in self.instruction:
             raise ValueError("instruction must contain '{question}'")
 
@@ -98,17 +108,22 @@ def cot_question(question: str, instruction: str = COT_INSTRUCTION) -> str:
 
 def judge(responses: Sequence[str], answer: str, *, kind: str = "auto",
           choices: Sequence[str] | None = None, rel_tol: float = 1e-6,
-          threshold: float = 0.85) -> list[Judged]:
-    """Parse and grade each response against the ground-truth `answer`."""
+          threshold: float = 0.85, direct: bool = False) -> list[Judged]:
+    """Parse and grade each response against the ground-truth `answer`: a CoT response by
+    the strict reader (`parse_response`), a direct one (``direct=True``) by the lenient one."""
     out = []
     for r in responses:
-        parsed = parse_response(r)
-        if parsed is None:
+        if direct:
+            a = extract_answer(r, require_trigger=False) if r.strip() else None
+        else:
+            parsed = parse_response(r)
+            a = None if parsed is None else parsed.answer
+        if a is None:
             out.append(Judged(r, None, False))
         else:
-            ok = match_answer(parsed.answer, answer, kind=kind, choices=choices,
+            ok = match_answer(a, answer, kind=kind, choices=choices,
                               rel_tol=rel_tol, threshold=threshold)
-            out.append(Judged(r, parsed.answer, ok))
+            out.append(Judged(r, a, ok))
     return out
 
 
@@ -194,7 +209,7 @@ def run_correctness(items: Sequence[dict], generator: Generator, out_dir, name: 
             chunk = todo[start:start + per_call]
             prompts = []
             for it in chunk:
-                p = Prompt(cot_question(it["question"], config.instruction),
+                p = Prompt(_asked(it["question"], config),
                            load_images(it.get("image"), image_root))
                 prompts.extend([p] * K)
             responses = generator(prompts, desc="sampling")
@@ -215,18 +230,20 @@ def _commit_question(writer: PairWriter, item: dict, responses: Sequence[str],
     qid = item["id"]
     judged = judge(responses, str(item["answer"]), kind=item.get("answer_type", "auto"),
                    choices=item.get("choices"), rel_tol=config.rel_tol,
-                   threshold=config.threshold)
+                   threshold=config.threshold, direct=config.mode == "direct")
     ps = build_pairs(judged, max_pairs=config.max_pairs,
                      allow_entailment=config.allow_entailment,
                      rng=random.Random(f"{config.seed}:{qid}"))
-    question = question_with_images(cot_question(item["question"], config.instruction),
+    question = question_with_images(_asked(item["question"], config),
                                     len(image_list(item.get("image"))))
     base = {"image": item["image"]} if item.get("image") else {}
 
     def record(k, c, r, pipeline):
-        return {"id": f"{qid}/{pipeline[0]}{k}", **base, "question": question,
+        tag = "d" if config.mode == "direct" else pipeline[0]  # ids unique across both modes
+        return {"id": f"{qid}/{tag}{k}", **base, "question": question,
                 "chosen": c.response, "rejected": r.response,
-                "meta": {"source_id": qid, "pipeline": pipeline, "answer": str(item["answer"]),
+                "meta": {"source_id": qid, "pipeline": pipeline, "mode": config.mode,
+                         "answer": str(item["answer"]),
                          "chosen_answer": c.answer, "rejected_answer": r.answer}}
 
     writer.commit(qid, {
@@ -235,6 +252,11 @@ def _commit_question(writer: PairWriter, item: dict, responses: Sequence[str],
         "samples": [{"id": qid, "k": k, "response": j.response, "answer": j.answer,
                      "correct": j.correct} for k, j in enumerate(judged)],
     }, ps.stats)
+
+
+def _asked(question: str, config: CorrectnessConfig) -> str:
+    """The question as sampled and stored: under the CoT instruction, or as given."""
+    return question if config.mode == "direct" else cot_question(question, config.instruction)
 
 
 def summarize(totals: dict) -> dict:
