@@ -81,8 +81,10 @@ class MPOLoss(nn.Module):
         frozen_head: "auto" (default), True or False: with a head that takes no gradient
             (LoRA) the forward prepares d logp / d hidden and the backward never revisits the
             vocabulary (see `mpo_fast.fused_logprobs`); exact with every loss.
-        dw_accum: single-pass mode's dW accumulator across groups of pairs: "weight" (the
-            weight's dtype, no extra memory; default) or "fp32" (V x H fp32 more).
+        dw_accum: single-pass mode's dW sum across groups of pairs (half-precision weights):
+            "split" (default: the gradient plus a remainder in its dtype, about one rounding
+            like the two-pass path, V x H x 2 bytes more), "fp32" (V x H x 4 bytes more) or
+            "weight" (no extra memory, one rounding per group; `mpo_fast.single_pass`).
 
     The options live in two frozen config objects, one per op: ``self.loss_config`` (a
     `mpo_fast.losses.LossConfig`, checked here) and ``self.head_config`` (a `HeadConfig`).
@@ -103,7 +105,7 @@ class MPOLoss(nn.Module):
         sft_normalize: str = "token",
         single_pass: bool | str = False,
         frozen_head: bool | str = "auto",
-        dw_accum: str = "weight",
+        dw_accum: str = "split",
     ):
         super().__init__()
         self.loss_config = LossConfig(loss_types, loss_weights, beta, label_smoothing, bco_delta,

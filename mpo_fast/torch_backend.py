@@ -249,6 +249,16 @@ def group_tokens(V: int, H: int, dtype: torch.dtype, softcap: bool, budget: int 
     return max(1, (budget - fixed) // (item * (tiles * V + 2 * H)))
 
 
+def split_add(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
+    """hi + lo += x (x fp32, consumed): hi, in the weight's half-precision dtype, is the sum
+    rounded; lo, the same dtype, the remainder. Together ~16 mantissa bits for bf16, so many
+    additions cost about one rounding, at half the memory of an fp32 accumulator; hi alone is
+    the result (|lo| is below half an ulp of hi)."""
+    s = x.add_(hi.to(x.dtype)).add_(lo.to(x.dtype))
+    hi.copy_(s)
+    lo.copy_(s.sub_(hi.to(s.dtype)))
+
+
 def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, token_grad,
                       grads, dw_accum=None):
     """One group of whole pairs in one pass over the vocabulary: log-probs and gradients.
@@ -261,8 +271,9 @@ def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, to
         dH[r]  = dA W      dW += dA^T h      db += sum_rows dA
 
     `grads` = (gh [N, H] in hidden's dtype, gw [V, H] or None, gb [V] fp32 or None): dH rows
-    are written (each token's row is complete after its group), dW and db accumulated. With
-    `dw_accum` (an fp32 [V, H] buffer) dW is summed there instead of in gw's dtype.
+    are written (each token's row is complete after its group), dW and db accumulated: in gw's
+    dtype, or with `dw_accum` an fp32 [V, H] buffer (dW summed there, exact) or a buffer of
+    gw's dtype (the low half of a split sum, `split_add`).
     Returns logp [n] (fp32; fp64 for fp64 inputs).
     """
     gh, gw, gb = grads
@@ -299,8 +310,10 @@ def single_pass_group(hidden, weight, bias, rows, targets, inv_temp, softcap, to
         d = da[:, v0:v1]
         if dh is not None:
             dh += _mm32(d, weight[v0:v1] if fast else weight[v0:v1].to(acc))
-        if dw_accum is not None:
+        if dw_accum is not None and dw_accum.dtype == acc:
             dw_accum[v0:v1] += _mm32(d.T, hc)
+        elif dw_accum is not None:
+            split_add(gw[v0:v1], dw_accum[v0:v1], _mm32(d.T, hc))
         elif gw is not None:
             gw[v0:v1] += _mm32(d.T, hc).to(gw.dtype)
         if gb is not None:
