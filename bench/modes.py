@@ -9,6 +9,8 @@ Rows, per shape (N completion tokens x H x V, bf16, B pairs of N / 2B tokens per
     impl                         what runs                                          NHV
     two-pass (paper delta)       MPOLoss defaults: BCO running mean incl. this batch  10
     single pass (lagged delta)   MPOLoss(single_pass=True, bco_delta="lagged")         8
+                                 (dW summed as a split bf16 pair: + V*H*2 bytes)
+    single pass, dW in bf16      the same with dw_accum="weight" (no extra dW memory)    8
     frozen head (paper delta)    MPOLoss(frozen_head=True), head weight frozen          6
     liger                        LigerFusedLinearDPOLoss, sigmoid DPO + NLL             8
     liger, frozen head           the same with the head weight frozen                   8
@@ -48,6 +50,7 @@ BETA, WEIGHTS = 0.1, (0.8, 0.2, 1.0)
 IMPLS = {  # name -> (executed FLOPs in NHV, frozen head)
     "two-pass (paper delta)": (10, False),
     "single pass (lagged delta)": (8, False),
+    "single pass, dW summed in bf16": (8, False),
     "frozen head (paper delta)": (6, True),
     "liger": (8, False),
     "liger, frozen head": (8, True),
@@ -87,6 +90,8 @@ def step_fn(impl: str, inputs, backend: str, workspace_mb: float | None = None):
         kw = {"backend": backend}
         if impl.startswith("single"):
             kw.update(single_pass=True, bco_delta="lagged")
+        if impl.endswith("in bf16"):
+            kw.update(dw_accum="weight")
         if impl.startswith("frozen"):
             kw.update(frozen_head=True)
         loss_fn = mpo_fast.MPOLoss(**kw).to(hidden.device)

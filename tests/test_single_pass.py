@@ -356,7 +356,7 @@ def test_gpu_modes_driver_dry_run(tmp_path):
     result = json.loads((tmp_path / "modes.json").read_text())
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == {"two-pass (paper delta)", "single pass (lagged delta)",
-                         "frozen head (paper delta)"}
+                         "single pass, dW summed in bf16", "frozen head (paper delta)"}
     for impl, row in rows.items():
         assert "error" not in row, (impl, row.get("error"))
         assert row["ms"] > 0 and row["err_loss"] < 1e-5 and row["err_dh"] < 1e-2, impl
