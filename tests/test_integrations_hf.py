@@ -266,3 +266,21 @@ def test_caller_offsets_are_checked(tok):
     bad[-1] -= 1
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(**packed, cu_seqlens=bad)
+
+
+@pytest.mark.parametrize("max_length", [None, 9])
+def test_collator_tokenizes_a_pair_as_the_trainer_does(max_length):
+    """One way to tokenize a pair (mpo_fast.pair_tokens): the collator's batch of text rows is
+    the trainer's PairTokenizer + collate of the same rows (chat template, truncation)."""
+    from mpo_fast.data import PairTokenizer, collate, tiny
+
+    tok = tiny.tiny_tokenizer()  # has a chat template
+    examples = tiny.make_task(4, seed=int(torch.randint(0, 2**31, ())))
+    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples]
+    batch = PreferenceCollator(tokenizer=tok, max_length=max_length)(rows)
+    tokenize = PairTokenizer(tok, max_length=max_length or 2048)
+    expected = collate([tokenize(e, i) for i, e in enumerate(examples)], pad_id=tokenize.pad_id,
+                       packed=False)
+    assert torch.equal(batch["input_ids"], expected.input_ids)
+    assert torch.equal(batch["attention_mask"].bool(), expected.attention_mask)
+    assert torch.equal(batch["labels"][:, 1:], expected.targets[:, :-1])

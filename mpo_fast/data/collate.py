@@ -1,12 +1,13 @@
 """From an `Example` to token ids (`PairTokenizer`), and from whole pairs to a `Batch` (`collate`).
 
     PairTokenizer(tokenizer, processor)(example) -> TokenizedPair
-        prompt    chat template with the generation prompt, images expanded to the model's
-                  image tokens by the processor (the images' pixels are kept, once per pair)
-        chosen    the rest of the templated conversation after the prompt (the assistant turn
-        rejected  and its end-of-turn tokens); without a chat template, text + eos
-        truncation to max_length: the completions first (right), then the prompt (left), and
-                  never through an image token (a `DataError` instead)
+        text      `mpo_fast.pair_tokens`, the one way to tokenize a pair (the drop-ins'
+                  collator uses it too): the chat template with the generation prompt, the
+                  completions as the rest of the templated conversation (or text + eos),
+                  truncation to max_length (completions first, then the prompt's start, never
+                  through an image token)
+        images    expanded to the model's image tokens by the processor (the images' pixels
+                  are kept, once per pair)
         bad data  (a `DataError` naming the pair's file:line): images for a model without a
                   processor, an image PIL cannot read or larger than MAX_IMAGE_PIXELS (a
                   decompression bomb), a chat template or processor that rejects the pair,
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import pair_tokens
 from ..layout import Segments
 from ..packing import pack, plan, shift_targets
 from .formats import IMAGE_PLACEHOLDER, DataError, Example
@@ -87,7 +89,6 @@ class PairTokenizer:
         ids = getattr(processor, "image_token_ids", None) or [
             getattr(processor, "image_token_id", None)]
         self.image_ids = frozenset(i for i in ids if i is not None)
-        self._templated = getattr(tokenizer, "chat_template", None) is not None
 
     def __call__(self, ex: Example, index: int = -1) -> TokenizedPair:
         images = list(ex.images)
@@ -95,11 +96,18 @@ class PairTokenizer:
             raise DataError(ex.source, "the pair has images but the model has no processor "
                             "(a text-only model?)")
         messages = self._messages(ex, len(images))
-        prompt_text = self._render(messages, None, ex.source)
-        prompt, pixels, extras = self._encode_prompt(prompt_text, images, ex.source)
-        chosen = self._completion(messages, prompt_text, ex.chosen, ex.source)
-        rejected = self._completion(messages, prompt_text, ex.rejected, ex.source)
-        prompt, chosen, rejected = self._truncate(prompt, chosen, rejected, ex.source)
+        try:
+            prompt_text = pair_tokens.render(self.tokenizer, messages)
+            prompt, pixels, extras = self._encode_prompt(prompt_text, images, ex.source)
+            chosen, rejected = (pair_tokens.completion_ids(self.tokenizer, messages, prompt_text,
+                                                           answer)
+                                for answer in (ex.chosen, ex.rejected))
+            prompt, chosen, rejected = pair_tokens.truncate(prompt, chosen, rejected,
+                                                            self.max_length, self.image_ids)
+        except DataError:
+            raise
+        except ValueError as err:  # what is wrong with the pair; here, where it came from
+            raise DataError(ex.source, str(err)) from err
         if chosen == rejected:  # e.g. both cut to the same first tokens, or both unknown words
             raise DataError(ex.source, "'chosen' and 'rejected' are the same tokens once "
                             f"tokenized and truncated to max_length={self.max_length} (the "
@@ -109,10 +117,7 @@ class PairTokenizer:
     # ------------------------------------------------------------------ text
 
     def _messages(self, ex: Example, n_images: int) -> list[dict]:
-        if isinstance(ex.prompt, str):
-            messages = [{"role": "user", "content": ex.prompt}]
-        else:
-            messages = [dict(m) for m in ex.prompt]
+        messages = pair_tokens.messages_of(ex.prompt)
         if n_images:
             users = [m for m in messages if m["role"] == "user"] or messages
             text = "".join(m["content"] for m in messages)
@@ -122,31 +127,10 @@ class PairTokenizer:
                 m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)
         return messages
 
-    def _render(self, messages: list[dict], answer: str | None, source: str) -> str:
-        """The templated prompt (answer None: with the generation prompt) or conversation."""
-        if not self._templated:
-            text = "\n".join(m["content"] for m in messages)
-            return text if answer is None else text + answer
-        if answer is not None:
-            messages = [*messages, {"role": "assistant", "content": answer}]
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=answer is None)
-        except Exception as exc:  # a strict template's raise_exception (unknown role, order)
-            raise DataError(source, f"the chat template rejects the pair ({exc})") from exc
-
-    def _completion(self, messages, prompt_text: str, answer: str, source: str) -> list[int]:
-        full = self._render(messages, answer, source) if self._templated else None
-        if full is not None and full.startswith(prompt_text):
-            text, eos = full[len(prompt_text):], []  # the template's own end of turn
-        else:
-            text, eos = answer, [self.eos_id] if self.eos_id is not None else []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
-
     def _encode_prompt(self, text: str, images: list, source: str):
-        special = not self._templated  # a template writes its own BOS
         if not images:
-            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"]), None, {}
+            return pair_tokens.prompt_ids(self.tokenizer, text), None, {}
+        special = not pair_tokens.templated(self.tokenizer)  # a template writes its own BOS
         pictures = [_open(p, source) for p in images]
         try:
             out = self.processor(text=[text], images=[pictures], return_tensors="pt",
@@ -157,18 +141,6 @@ class PairTokenizer:
         extras = {k: v for k, v in out.items() if k not in _TEXT_KEYS and k != "pixel_values"
                   and isinstance(v, torch.Tensor)}
         return ids, out["pixel_values"], extras
-
-    def _truncate(self, prompt, chosen, rejected, source):
-        room = self.max_length - len(prompt)
-        if room < 1:  # the prompt alone fills max_length: cut it from the left, keep 1 token
-            cut = len(prompt) - (self.max_length - 1)
-            hit = [t for t in prompt[:cut] if t in self.image_ids]
-            if hit:
-                raise DataError(source, f"the prompt has {len(prompt)} tokens, "
-                                f"max_length={self.max_length}, and truncating it would cut "
-                                f"{len(hit)} image tokens; raise max_length")
-            prompt, room = prompt[cut:], 1
-        return prompt, chosen[:room], rejected[:room]
 
 
 def _open(image, source: str):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from .. import packing
+from .. import packing, pair_tokens
 from ..hf_model import logit_shape
 from ..mpo import MPOLoss
 from ._head import (
@@ -126,13 +126,16 @@ class PreferenceCollator:
     """Batches of preference pairs for `MPOTrainer` (and any loop using a patched model).
 
     Examples are dicts with token ids ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, or with
-    text ``prompt``, ``chosen``, ``rejected`` and a ``tokenizer`` here (the completions get the
-    tokenizer's EOS). Optional ``ref_chosen_logps`` / ``ref_rejected_logps`` are carried along.
+    text ``prompt`` (a string or chat messages), ``chosen``, ``rejected`` and a ``tokenizer``
+    here, tokenized as the trainer tokenizes a pair (`mpo_fast.pair_tokens`: the tokenizer's
+    chat template when it has one, else the text with its special tokens and the answers +
+    EOS). Optional ``ref_chosen_logps`` / ``ref_rejected_logps`` are carried along.
 
     Args:
         pad_token_id: id of padding (default: the tokenizer's pad, else its EOS).
         tokenizer: for text examples.
-        max_length: truncate every sequence to this many tokens (keeping the start).
+        max_length: most tokens of a sequence, by the trainer's rule (`pair_tokens.truncate`:
+            the completions' ends first, then the prompt's start).
         packed: one padding-free row instead of a padded batch.
 
     Returns (B pairs, S = 2B sequences: the B chosen, then the B rejected):
@@ -162,10 +165,8 @@ class PreferenceCollator:
             self.pad_token_id = pad
 
     def __call__(self, examples: list[dict]) -> dict:
-        rows = [self._ids(ex, key) for key in ("chosen", "rejected") for ex in examples]
-        if self.max_length is not None:  # keep the start of every sequence
-            rows = [(p[:self.max_length], c[:max(0, self.max_length - len(p))])
-                    for p, c in rows]
+        pairs = [self._ids(ex) for ex in examples]  # (prompt, chosen, rejected)
+        rows = [(p[0], p[k]) for k in (1, 2) for p in pairs]  # the B chosen, then the B rejected
         lengths = torch.tensor([len(p) + len(c) for p, c in rows])
         ids = torch.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=torch.long)
         completion = torch.zeros(ids.shape, dtype=torch.bool)
@@ -179,17 +180,15 @@ class PreferenceCollator:
                 batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         return batch
 
-    def _ids(self, ex: dict, key: str) -> tuple[list[int], list[int]]:
+    def _ids(self, ex: dict) -> tuple[list[int], list[int], list[int]]:
         if "prompt_ids" in ex:
-            return list(ex["prompt_ids"]), list(ex[f"{key}_ids"])
-        tok = self.tokenizer
-        if tok is None:
+            ids = tuple(list(ex[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected"))
+            return ids if self.max_length is None else pair_tokens.truncate(*ids,
+                                                                            self.max_length)
+        if self.tokenizer is None:
             raise ValueError("text examples (prompt/chosen/rejected) need tokenizer=")
-        prompt = tok(ex["prompt"])["input_ids"]
-        completion = tok(ex[key], add_special_tokens=False)["input_ids"]
-        if tok.eos_token_id is not None and completion[-1:] != [tok.eos_token_id]:
-            completion = [*completion, tok.eos_token_id]
-        return prompt, completion
+        return pair_tokens.tokenize_pair(self.tokenizer, ex["prompt"], ex["chosen"],
+                                         ex["rejected"], self.max_length)
 
     @staticmethod
     def _padded(ids, lengths, completion) -> dict:
