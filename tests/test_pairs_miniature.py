@@ -424,6 +424,16 @@ def test_arms_share_warmup_and_pairs_and_the_test_split_waits_for_selection(tmp_
     md = (tmp_path / "results.md").read_text()
     assert "| MPO (0.8 DPO + 0.2 BCO + 1.0 SFT) |" in md and "MPO - SFT only" in md
 
+    # seeds run elsewhere (one process per seed) pool into the same table
+    from mpo_fast.pairs.cli import main
+
+    pooled = tmp_path / "pooled"
+    assert main(["demo", "--pool", str(tmp_path), "--out", str(pooled)]) == 0
+    again = json.loads((pooled / "results.json").read_text())
+    assert again["seeds"] == [0, 1] and again["accuracy"] == json.loads(
+        json.dumps(result["accuracy"]))
+    assert (pooled / "results.md").read_text().strip() == md.split("Wall time")[0].strip()
+
 
 def test_aggregate_pools_seeds_on_the_same_questions():
     def seed(s, mpo, sft):

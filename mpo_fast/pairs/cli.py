@@ -83,6 +83,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     m.add_argument("--test-questions", type=int, default=None, help="test questions (1000)")
     m.add_argument("--quick", action="store_true", help="a smoke test: every stage on a few "
                    "questions in about a minute; its accuracies say nothing about the method")
+    m.add_argument("--pool", nargs="+", default=None, metavar="DIR",
+                   help="run nothing: pool the finished seeds of earlier runs of one "
+                   "configuration (e.g. one process per seed) into --out")
     m.set_defaults(func=run)
 
 
@@ -142,8 +145,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto"):
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `pairs` command; returns the exit status."""
     if args.pairs_command == "demo":
-        from .miniature import MiniatureConfig, run_miniature
+        from .miniature import MiniatureConfig, pool_runs, run_miniature
 
+        if args.pool:
+            pool_runs(args.out, args.pool)
+            return 0
         opts = {}
         if args.seeds is not None or args.seed is not None:
             opts["seeds"] = (args.seed,) if args.seeds is None else _csv(args.seeds, int)

@@ -63,7 +63,7 @@ from .shapes import (
 from .tiny import build_tiny_vlm, build_tokenizer
 
 __all__ = ["ARMS", "Arm", "MiniatureConfig", "TrainSpec", "aggregate", "evaluate",
-           "mpo_trainer", "paired_se", "run_miniature", "select_lr", "sft_warmup"]
+           "mpo_trainer", "paired_se", "pool_runs", "run_miniature", "select_lr", "sft_warmup"]
 
 IGNORE = -100
 MINI_COT_INSTRUCTION = ("{question}\nReason step by step, then end with "
@@ -525,25 +525,43 @@ def _run(out: Path, cfg: MiniatureConfig, train_fn: TrainFn | None, log) -> dict
     return summary
 
 
-def _pool(out: Path, cfg: MiniatureConfig, wall_s: float) -> dict:
-    """Pool every finished seed in `out` run with the same configuration (other seeds of it
-    may come from other processes), write results.json and results.md."""
-    ident = cfg.seed_identity()
-    found = []
-    for path in sorted(out.glob("seed-*/seed.json")):
-        r = json.loads(path.read_text())
-        if r["identity"] == json.loads(json.dumps(ident)) and all(
-                m in r["test"] for m in cfg.arms):
-            found.append(r)
-    found.sort(key=lambda r: r["seed"])
-    agg = aggregate(found)
+def _pool(out: Path, cfg: MiniatureConfig, wall_s: float | None,
+          sources: Sequence[Path] = ()) -> dict:
+    """Pool every finished seed in `out` (and in `sources`) run with the same configuration,
+    write results.json and results.md into `out`."""
+    ident = json.loads(json.dumps(cfg.seed_identity()))
+    found: dict[int, dict] = {}
+    for folder in (out, *sources):
+        for path in sorted(Path(folder).glob("seed-*/seed.json")):
+            r = json.loads(path.read_text())
+            if r["identity"] == ident and all(m in r["test"] for m in cfg.arms):
+                found.setdefault(r["seed"], r)
+    agg = aggregate([found[s] for s in sorted(found)])
     agg["config"] = ident
     agg["quick"] = cfg.quick
     agg["wall_s_this_process"] = wall_s
     md = markdown(agg, cfg, wall_s)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(agg, indent=2) + "\n")
     (out / "results.md").write_text(md)
     return {**agg, "markdown": md}
+
+
+def pool_runs(out_dir: str | Path, sources: Sequence[str | Path], log=print) -> dict:
+    """Pool the finished seeds of several runs of one configuration (e.g. one process per seed,
+    ``--seeds 0 --out A``, ``--seeds 1 --out B``) into out_dir/results.json and results.md;
+    runs nothing. The configuration is read from the first seed found."""
+    first = next((json.loads(p.read_text()) for d in sources
+                  for p in sorted(Path(d).glob("seed-*/seed.json"))), None)
+    if first is None:
+        raise ValueError(f"no finished seed (seed-*/seed.json) in {[str(d) for d in sources]}")
+    ident = {k: tuple(v) if isinstance(v, list) else v for k, v in first["identity"].items()}
+    seeds = sorted({json.loads(p.read_text())["seed"] for d in sources
+                    for p in Path(d).glob("seed-*/seed.json")})
+    cfg = MiniatureConfig(seeds=tuple(seeds), **ident)
+    summary = _pool(Path(out_dir), cfg, None, [Path(d) for d in sources])
+    log(summary["markdown"])
+    return summary
 
 
 def run_seed(out: Path, cfg: MiniatureConfig, seed: int, task: _Task, train: TrainFn,
