@@ -20,8 +20,10 @@ from .tl_utils import dot_precision, interpreting
 
 
 def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None = None, *,
-           bias: bool = False, softcap: bool = False, backward: bool = True) -> int:
-    """Compile the forward (and backward) kernels for an LM head [V, H] of `dtype`.
+           bias: bool = False, softcap: bool = False, backward: bool = True,
+           frozen: bool = False) -> int:
+    """Compile the forward (and backward) kernels for an LM head [V, H] of `dtype`, and with
+    `frozen` the frozen-head row kernel (kernels/frozen_head.py).
 
     Returns the number of kernel variants compiled (0 under the interpreter or off CUDA).
     """
@@ -38,6 +40,14 @@ def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None
                 dtype, dtype, dtype, i64, i64, f32, f32,
                 4096, V, H, H, H, 4 * _SPLIT_ALIGN, 1.0, 1.0,
                 grid=(1, 1), SPLIT_FASTEST=cfg.split_fastest, **flags, **cfg.launch_kwargs())
+            compiled += 1
+        if frozen:
+            from .frozen_head import _slab_softmax_kernel
+
+            _slab_softmax_kernel.warmup(
+                f32, dtype, i64, dtype, f32, f32, f32, f32, 4096, 0, 4096, 4096, 4096, 1.0,
+                1.0, grid=(1,), HAS_BIAS=bias, HAS_SOFTCAP=softcap, BLOCK_M=16, BLOCK_V=256,
+                num_warps=4)
             compiled += 1
         if not backward:
             return compiled

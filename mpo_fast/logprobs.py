@@ -53,9 +53,9 @@ def fused_logprobs(
             ``dH = grad * E``: no second pass over the vocabulary, exact for any upstream
             gradient. Costs 4MHV FLOPs instead of 2 + 4 (forward, recompute, dH) and keeps
             E, fp32 ``[M, H]``, from forward to backward. ``"auto"`` uses it when the
-            weight is frozen and the backend has it (the torch backend; the Triton backend
-            keeps its two passes until a kernel measures faster); ``True`` insists (on the
-            Triton backend it runs the torch twin on the tensors' device).
+            weight is frozen on the torch backend (the Triton backend keeps its two passes
+            until its frozen-head path, cuBLAS products + a Triton row kernel in
+            kernels/frozen_head.py, is measured faster on a GPU); ``True`` insists.
 
     Returns:
         fp32 tensor of ``targets.shape`` (fp64 for fp64 inputs):
@@ -190,12 +190,13 @@ def use_frozen_head(frozen_head, impl, hidden, weight, bias) -> bool:
             raise ValueError("frozen_head=True needs a head that takes no gradient: weight "
                              "(and bias) with requires_grad=False (detach it, or freeze it)")
         return hidden.requires_grad
-    return hidden.requires_grad and not head_grad and hasattr(impl, "forward_frozen")
+    return (hidden.requires_grad and not head_grad
+            and getattr(impl, "frozen_by_default", impl is torch_backend))
 
 
 def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
            device: torch.device | str = "cuda", *, bias: bool = False,
-           softcap: float | None = None, loss=None) -> int:
+           softcap: float | None = None, loss=None, frozen_head: bool = False) -> int:
     """Compile the Triton kernels for an LM head [V, H] of `dtype` ahead of the first step.
 
     The first `fused_logprobs` / `MPOLoss` call otherwise pays Triton's compilation (a few
@@ -205,7 +206,8 @@ def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
     `loss`: the `MPOLoss` (or its `LossConfig`) the steps will run; the loss epilogue's kernels
     (segment sums, broadcast, the pair terms of its loss types and SFT normalization) are
     compiled for it too. None means MPO's default configuration. No kernel specializes on the
-    token or pair count, so these variants serve every batch.
+    token or pair count, so these variants serve every batch. `frozen_head=True` also
+    compiles the frozen-head row kernel (`fused_logprobs(..., frozen_head=True)`).
     """
     if not triton_available() or torch.device(device).type != "cuda":
         return 0
@@ -214,7 +216,8 @@ def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
     from .kernels.warmup import warmup_epilogue
     from .losses import LossConfig
 
-    compiled = compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None)
+    compiled = compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None,
+                               frozen=frozen_head is True)
     cfg = LossConfig() if loss is None else getattr(loss, "loss_config", loss)
     bits = kernel_bits()
     if set(cfg.loss_types) <= bits.keys():  # (the batch-sorting aot losses run in torch)
@@ -254,9 +257,12 @@ def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType | SimpleNa
             "TRITON_INTERPRET=1 to run the kernels on the CPU, or use backend='torch'")
     if hidden.dtype == torch.float64:
         raise TypeError("backend='triton' takes bf16, fp16 or fp32 hidden; fp64 needs 'torch'")
-    from .kernels import logprob_backward, logprob_forward
+    from .kernels import frozen_head, logprob_backward, logprob_forward
 
-    return SimpleNamespace(forward=logprob_forward.forward, backward=logprob_backward.backward)
+    # frozen_head="auto" keeps the two-pass kernels here until the frozen-head path (cuBLAS
+    # products + a Triton row kernel) is measured faster on a GPU; True uses it
+    return SimpleNamespace(forward=logprob_forward.forward, backward=logprob_backward.backward,
+                           forward_frozen=frozen_head.forward_frozen, frozen_by_default=False)
 
 
 def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap) -> None:

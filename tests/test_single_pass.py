@@ -89,6 +89,42 @@ def test_frozen_head_logprobs_match_float64(dtype, head, monkeypatch):
     assert (hidden.grad.view(-1, H)[(targets == -100).view(-1)] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("head", [{}, {"softcap": 3.0, "temperature": 0.7}, {"bias": True}],
+                         ids=["plain", "softcap-temp", "frozen-bias"])
+def test_frozen_head_triton_kernel_matches_float64(dtype, head, monkeypatch):
+    """kernels/frozen_head.py (cuBLAS products + the Triton row kernel; the interpreter on
+    the CPU) over several vocab slabs, against float64."""
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.05")  # 2-3 slabs of 256 rows
+    from mpo_fast.kernels import frozen_head
+
+    H, V = 24, 601
+    hidden = torch.randn(3, 7, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) * 3 / H**0.5).to(dtype)
+    bias = torch.randn(V).to(dtype) if head.get("bias") else None
+    targets = torch.randint(0, V, (3, 7))
+    targets[torch.rand(3, 7) < 0.3] = -100
+    kw = {k: v for k, v in head.items() if k != "bias"}
+    calls = []
+    real = frozen_head.forward_frozen
+    monkeypatch.setattr(frozen_head, "forward_frozen",
+                        lambda *a: calls.append(1) or real(*a))
+    out = mpo_fast.fused_logprobs(hidden, weight, targets, bias=bias, backend="triton",
+                                  frozen_head=True, **kw)
+    assert calls and frozen_head.slab_rows(21, V, hidden.element_size()) < V
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    h64 = leaf64(hidden)
+    ref = logprobs(h64, weight.double(), targets, None if bias is None else bias.double(), **kw)
+    (ref * upstream.double()).sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(hidden.grad, h64.grad) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    # "auto" keeps the Triton backend's two passes until a GPU measures the frozen path
+    auto = mpo_fast.fused_logprobs(hidden, weight, targets, bias=bias, backend="triton", **kw)
+    assert "FrozenHead" not in type(auto.grad_fn).__name__
+
+
 def test_frozen_head_equals_two_pass_and_needs_a_frozen_head():
     H, V = 16, 203
     hidden = torch.randn(13, H, requires_grad=True)
