@@ -1,9 +1,11 @@
 """How a command ends: a user's mistake is one line and a non-zero exit, a bug is a traceback.
 
 A user's mistake is what the library reports as `ValueError` (a bad setting or input; the
-message names it and what was expected), `OSError` (a missing file, no permission, a full disk)
-or `ImportError` (an optional package that is not installed). Anything else is a bug in
-mpo-fast and keeps its traceback for the report. `--debug` anywhere on the command line (or
+message names it and what was expected), `OSError` (a missing file, no permission, a full disk),
+`ImportError` (an optional package that is not installed) or `RunError` (a run that stopped for
+a reason the user acts on: a folder another run holds, a checkpoint that cannot be trusted,
+steps that stay non-finite). Anything else is a bug in mpo-fast and keeps its traceback for the
+report. `--debug` anywhere on the command line (or
 MPO_FAST_DEBUG=1) keeps every traceback.
 """
 
@@ -13,9 +15,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["USER_ERRORS", "run_command"]
+__all__ = ["USER_ERRORS", "RunError", "run_command"]
 
-USER_ERRORS = (ValueError, OSError, ImportError)
+
+class RunError(RuntimeError):
+    """A run stopped for a reason its message tells the user how to act on."""
+
+
+USER_ERRORS = (ValueError, OSError, ImportError, RunError)
 EXIT_USER_ERROR = 1
 
 

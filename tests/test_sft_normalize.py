@@ -314,11 +314,11 @@ def test_fused_pair_terms_sft_tokens_from_outside(B):
 
 
 def test_sft_tokens_is_checked():
-    hidden, weight, ref_hidden, targets = batch(B=2, T=6, dtype=torch.float32)
+    hidden, weight, _, targets = batch(B=2, T=6, dtype=torch.float32)
     for bad in (0, -3.0, float("nan")):
         with pytest.raises(ValueError, match="sft_tokens"):
             MPOLoss(loss_types=("sft",))(hidden, weight, targets, sft_tokens=bad)
-    with pytest.raises(ValueError, match="sft_tokens.*sequence"):
+    with pytest.raises(ValueError, match=r"sft_tokens.*sequence"):
         MPOLoss(loss_types=("sft",), sft_normalize="sequence")(hidden, weight, targets,
                                                                 sft_tokens=4)
 

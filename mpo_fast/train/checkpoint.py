@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ..console import RunError
 from .distributed import Context, barrier, broadcast
 
 __all__ = ["CheckpointError", "RunLock", "StopSignal", "candidates", "latest", "load",
@@ -56,7 +57,7 @@ MANIFEST = "manifest.json"
 LOCK_FILE = "run.lock"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be written, or cannot be trusted on load."""
 
 
@@ -386,10 +387,10 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def _refusal(self, holder: dict | None) -> RuntimeError:
+    def _refusal(self, holder: dict | None) -> RunError:
         who = (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
                f"{holder.get('started')}" if holder else "another process")
-        return RuntimeError(f"{self.folder} is in use by another run ({who}; lock "
+        return RunError(f"{self.folder} is in use by another run ({who}; lock "
                             f"{self.path}): wait for it to finish, or train into another "
                             "--output-dir")
 

@@ -90,8 +90,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=note)
         elif isinstance(default, tuple):
             parser.add_argument(flag, default=None, metavar="A,B,...", help=note)
-        else:
-            parser.add_argument(flag, default=None, type=type(default), help=note)
+        else:  # converted and range-checked by TrainConfig, which names the field in errors
+            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=note)
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..console import RunError
 from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..measure import peak_bytes
@@ -262,7 +263,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     return result
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """Too many optimizer steps in a row with a non-finite loss or gradient."""
 
 
@@ -288,7 +289,7 @@ def lock_output(out_dir: str, ctx, say):
             refusal = str(err)
     refusal = distributed.broadcast(refusal, ctx)
     if refusal:
-        raise RuntimeError(refusal)
+        raise RunError(refusal)
     return lock
 
 
