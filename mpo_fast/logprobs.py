@@ -257,12 +257,14 @@ def _backend_module(backend: str, hidden: torch.Tensor) -> ModuleType | SimpleNa
             "TRITON_INTERPRET=1 to run the kernels on the CPU, or use backend='torch'")
     if hidden.dtype == torch.float64:
         raise TypeError("backend='triton' takes bf16, fp16 or fp32 hidden; fp64 needs 'torch'")
-    from .kernels import frozen_head, logprob_backward, logprob_forward
+    from .kernels import frozen_head, logprob_backward, logprob_forward, single_pass
 
     # frozen_head="auto" keeps the two-pass kernels here until the frozen-head path (cuBLAS
     # products + a Triton row kernel) is measured faster on a GPU; True uses it
     return SimpleNamespace(forward=logprob_forward.forward, backward=logprob_backward.backward,
-                           forward_frozen=frozen_head.forward_frozen, frozen_by_default=False)
+                           forward_frozen=frozen_head.forward_frozen, frozen_by_default=False,
+                           single_pass_group=single_pass.single_pass_group,
+                           group_tokens=single_pass.group_tokens)
 
 
 def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap) -> None:

@@ -50,6 +50,7 @@ import torch
 from . import torch_backend
 from .epilogue import _fused_pair_terms, _torch_pair_terms, fused_epilogue_supported
 from .layout import Segments
+from .logprobs import _backend_module
 from .losses import LOSSES, LossConfig, Pairs
 
 BATCH_COUPLED = ("aot", "aot_pair")  # sort across the batch: no pair-local gradient
@@ -162,6 +163,9 @@ class SinglePassJob:
         self.sft_tokens, self.dw_accum, self.budget = sft_tokens, dw_accum, budget
 
     def run(self, hidden, weight, bias, needs):
+        # the backend's group pass (Triton: kernels/single_pass.py; else the torch twin)
+        self.impl = _backend_module(self.backend, hidden)
+        group = getattr(self.impl, "single_pass_group", torch_backend.single_pass_group)
         cfg, B = self.cfg, self.segs.num_seqs // 2
         (V, H), dev = weight.shape, hidden.device
         acc = torch_backend.accum_dtype(hidden.dtype)
@@ -191,8 +195,8 @@ class SinglePassJob:
         offsets = [0]
         for n in pair_tokens:
             offsets.append(offsets[-1] + n)
-        cap = torch_backend.group_tokens(V, H, hidden.dtype, self.softcap is not None,
-                                         self.budget)
+        cap = getattr(self.impl, "group_tokens", torch_backend.group_tokens)(
+            V, H, hidden.dtype, self.softcap is not None, self.budget)
         seq = torch.zeros(2 * B, device=dev, dtype=acc)
         for p0, p1 in plan_groups(pair_tokens, cap):
             idx = order[offsets[p0]:offsets[p1]]
@@ -213,8 +217,8 @@ class SinglePassJob:
                 return coef.index_select(0, s_of)
 
             if rows.numel() <= cap:
-                torch_backend.single_pass_group(hidden, weight, bias, rows, y, self.inv_temp,
-                                                self.softcap, token_grad, (gh, gw, gb), dw)
+                group(hidden, weight, bias, rows, y, self.inv_temp, self.softcap, token_grad,
+                      (gh, gw, gb), dw)
             else:  # one pair longer than the budget: forward, then the usual backward
                 self._two_pass_pair(hidden, weight, bias, rows, y, token_grad, needs,
                                     (gh, gw, gb, dw))
@@ -226,11 +230,10 @@ class SinglePassJob:
 
     def _two_pass_pair(self, hidden, weight, bias, rows, y, token_grad, needs, grads):
         gh, gw, gb, dw = grads
-        lse, zy = torch_backend.forward(hidden, weight, bias, rows, y, self.inv_temp,
-                                        self.softcap)
+        lse, zy = self.impl.forward(hidden, weight, bias, rows, y, self.inv_temp, self.softcap)
         g = token_grad(zy - lse)
-        h, w, b = torch_backend.backward(hidden, weight, bias, rows, y, lse, g, self.inv_temp,
-                                         self.softcap, needs)
+        h, w, b = self.impl.backward(hidden, weight, bias, rows, y, lse, g.to(lse.dtype),
+                                     self.inv_temp, self.softcap, needs)
         if h is not None:
             gh.index_copy_(0, rows, h.index_select(0, rows))
         if w is not None and dw is None:

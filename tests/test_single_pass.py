@@ -464,3 +464,43 @@ def test_split_add_keeps_about_sixteen_bits():
     exact = xs.sum(0)
     assert rel_err(hi.double() + lo.double(), exact) <= 1e-4
     assert rel_err(hi, exact) <= 4e-3 < rel_err(plain, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dw_accum", ["split", "weight"])
+def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
+    """kernels/single_pass.py (cuBLAS products + the Triton row kernels; the interpreter on
+    the CPU): several groups and a pair alone in two passes, packed, bias, softcap,
+    temperature; against the torch twin and float64."""
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.0197")  # groups of 15-20 tokens
+    from mpo_fast.kernels import single_pass as kernels
+
+    B, T, H, V = 3, 14, 16, 97
+    lengths = [14, 5, 6, 12, 5, 7]  # pairs of 22, 6 and 9 scored tokens
+    hidden, weight, targets, rh, rw, _ = make_batch(B, T, H, V, dtype, lengths=lengths)
+    bias = (0.5 * torch.randn(V)).to(dtype)
+    head = {"softcap": 5.0, "temperature": 0.8}
+    ph = torch.cat([hidden[s, :n] for s, n in enumerate(lengths)])
+    prh = torch.cat([rh[s, :n] for s, n in enumerate(lengths)])
+    pt = torch.cat([targets[s, :n] for s, n in enumerate(lengths)])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    calls = []
+    real = kernels.single_pass_group
+    monkeypatch.setattr(kernels, "single_pass_group", lambda *a: calls.append(1) or real(*a))
+    long_pairs = []
+    two_pass_pair = single_pass.SinglePassJob._two_pass_pair
+    monkeypatch.setattr(single_pass.SinglePassJob, "_two_pass_pair",
+                        lambda self, *a: long_pairs.append(1) or two_pass_pair(self, *a))
+    assert 15 <= kernels.group_tokens(V, H, dtype, True) <= 21
+    kw = {**MPO_LAGGED, **head, "dw_accum": dw_accum}
+    o, gh, gw, gb = run(mpo_fast.MPOLoss(backend="triton", single_pass=True, **kw), ph,
+                        weight, pt, prh, rw, scale=0.25, bias=bias, cu_seqlens=cu)
+    assert len(calls) == 1 and len(long_pairs) == 1  # pairs 1-2 in one pass, pair 0 alone
+    loss64, gh64, gw64, gb64 = reference64(hidden, weight, targets, rh, rw,
+                                           ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0),
+                                           scale=0.25, bias=bias, **head)
+    gh64 = torch.cat([gh64[s, :n] for s, n in enumerate(lengths)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(o.loss, loss64) <= max(tol, 1e-5)
+    assert rel_err(gh, gh64) <= tol and rel_err(gw, gw64) <= tol and rel_err(gb, gb64) <= tol
