@@ -592,3 +592,15 @@ def test_the_command_exits_non_zero_when_steps_stay_non_finite(tmp_path):
     assert_finite_checkpoint(saved[0])
     records = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r.get("skipped") for r in records] == ["nonfinite", "nonfinite"]
+
+
+def test_a_run_saved_before_sft_normalize_resumes_only_as_token_mean():
+    """Runs saved before the field existed trained with the token mean: a resume under the
+    new default ("sequence") would switch the loss mid-run, so it is a named difference."""
+    from mpo_fast.train.config import TrainConfig, identity_changes
+
+    old = TrainConfig().to_dict()
+    del old["sft_normalize"]
+    assert identity_changes(old, TrainConfig().to_dict()) == {
+        "sft_normalize": ("token", "sequence")}
+    assert identity_changes(old, TrainConfig(sft_normalize="token").to_dict()) == {}

@@ -134,8 +134,14 @@ NOT_IDENTITY = frozenset({
     "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir"})
 
 
+# Fields added after runs were saved without them, with the value those runs trained with
+# (a new default must not slip into a resumed run unseen).
+LEGACY_VALUES = {"sft_normalize": "token"}
+
+
 def identity_changes(saved: dict, now: dict) -> dict:
     """``{field: (saved value, current value)}`` for the identity fields that differ."""
+    saved = {**{k: v for k, v in LEGACY_VALUES.items() if k in now}, **saved}
     return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now))
             if k not in NOT_IDENTITY and saved[k] != now[k]}
 
