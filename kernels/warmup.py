@@ -21,9 +21,10 @@ from .tl_utils import dot_precision, interpreting
 
 def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None = None, *,
            bias: bool = False, softcap: bool = False, backward: bool = True,
-           frozen: bool = False) -> int:
-    """Compile the forward (and backward) kernels for an LM head [V, H] of `dtype`, and with
-    `frozen` the frozen-head row kernel (kernels/frozen_head.py).
+           frozen: bool = False, single_pass: bool = False) -> int:
+    """Compile the forward (and backward) kernels for an LM head [V, H] of `dtype`, with
+    `frozen` the frozen-head row kernel (kernels/frozen_head.py) and with `single_pass` the
+    single-pass row kernels (kernels/single_pass.py).
 
     Returns the number of kernel variants compiled (0 under the interpreter or off CUDA).
     """
@@ -49,6 +50,18 @@ def warmup(V: int, H: int, dtype: torch.dtype, device: torch.device | str | None
                 1.0, grid=(1,), HAS_BIAS=bias, HAS_SOFTCAP=softcap, BLOCK_M=16, BLOCK_V=256,
                 num_warps=4)
             compiled += 1
+        if single_pass:
+            from .single_pass import _blocks, _row_grad_kernel, _row_stats_kernel
+
+            block_m, block_v = _blocks(device)
+            _row_stats_kernel.warmup(
+                f32, dtype, i64, f32, f32, 4096, V, V, 4096, 1.0, 1.0, grid=(1, 1),
+                HAS_BIAS=bias, HAS_SOFTCAP=softcap, BLOCK_M=block_m, BLOCK_V=block_v,
+                num_warps=4)
+            _row_grad_kernel.warmup(
+                f32, dtype, i64, f32, f32, 4096, V, V, V, 1.0, 1.0, grid=(1, 1),
+                HAS_SOFTCAP=softcap, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=4)
+            compiled += 2
         if not backward:
             return compiled
         S = slab_rows(4096, V, torch.finfo(dtype).bits // 8)

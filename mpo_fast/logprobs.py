@@ -206,8 +206,9 @@ def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
     `loss`: the `MPOLoss` (or its `LossConfig`) the steps will run; the loss epilogue's kernels
     (segment sums, broadcast, the pair terms of its loss types and SFT normalization) are
     compiled for it too. None means MPO's default configuration. No kernel specializes on the
-    token or pair count, so these variants serve every batch. `frozen_head=True` also
-    compiles the frozen-head row kernel (`fused_logprobs(..., frozen_head=True)`).
+    token or pair count, so these variants serve every batch. `frozen_head=True` (or a
+    `loss` built with it) also compiles the frozen-head row kernel, a `loss` with
+    ``single_pass=True`` the single-pass row kernels.
     """
     if not triton_available() or torch.device(device).type != "cuda":
         return 0
@@ -216,8 +217,10 @@ def warmup(V: int, H: int, dtype: torch.dtype = torch.bfloat16,
     from .kernels.warmup import warmup_epilogue
     from .losses import LossConfig
 
+    head = getattr(loss, "head_config", None)
+    frozen = frozen_head is True or getattr(head, "frozen_head", None) is True
     compiled = compile_kernels(V, H, dtype, device, bias=bias, softcap=softcap is not None,
-                               frozen=frozen_head is True)
+                               frozen=frozen, single_pass=getattr(loss, "single_pass", 0) is True)
     cfg = LossConfig() if loss is None else getattr(loss, "loss_config", loss)
     bits = kernel_bits()
     if set(cfg.loss_types) <= bits.keys():  # (the batch-sorting aot losses run in torch)
