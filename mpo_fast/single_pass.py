@@ -186,7 +186,7 @@ class SinglePassJob:
                       if self.sft_tokens is not None else count[:B].sum().clamp(min=1))
         delta = torch.zeros((), dtype=acc, device=dev)
         if "bco_pair" in cfg.loss_types and cfg.bco_delta == "lagged":
-            delta = self.bco_state[0].to(acc)  # previous steps' mean (updated after the pass)
+            delta = self.bco_state[0].to(acc).clone()  # previous steps' mean (updated later)
 
         # the scored rows, ordered by pair (chosen tokens, then rejected), cut into groups
         row_seq = self.segs.seq_ids.index_select(0, self.rows)
@@ -201,6 +201,8 @@ class SinglePassJob:
         for p0, p1 in plan_groups(pair_tokens, cap):
             idx = order[offsets[p0]:offsets[p1]]
             rows, y, s_of = self.rows[idx], self.targets[idx], row_seq[idx]
+            if rows.numel() == 0:  # pairs without completion tokens: no gradient to make
+                continue
             members = torch.cat([torch.arange(p0, p1, device=dev),
                                  torch.arange(B + p0, B + p1, device=dev)])
 

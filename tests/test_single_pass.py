@@ -504,3 +504,17 @@ def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(o.loss, loss64) <= max(tol, 1e-5)
     assert rel_err(gh, gh64) <= tol and rel_err(gw, gw64) <= tol and rel_err(gb, gb64) <= tol
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_pass_with_an_empty_pair(backend, monkeypatch):
+    """A pair whose answers have no completion token (log-prob 0, still in the batch means)
+    forms an empty group (pair 0; pair 1, 18 tokens, goes alone in two passes): skipped,
+    and everything matches the two-pass path."""
+    monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.02")
+    hidden, weight, targets, rh, rw, _ = make_batch(lengths=[2, 11, 6, 2, 11, 7])
+    outs = [run(mpo_fast.MPOLoss(backend=backend, single_pass=sp, **MPO_LAGGED), hidden,
+                weight, targets, rh, rw) for sp in (True, False)]
+    (o, gh, gw, _), (o2, gh2, gw2, _) = outs
+    assert rel_err(o.loss, o2.loss) <= 1e-6 and o.chosen_logps[0] == 0
+    assert rel_err(gh, gh2) <= 1e-5 and rel_err(gw, gw2) <= 1e-5
