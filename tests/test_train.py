@@ -342,7 +342,8 @@ def test_config_layers_defaults_preset_yaml_flags(tmp_path):
         TrainConfig(reference="ema")
     args = cli.build_parser().parse_args(["--lr", "1e-4", "--no-packing", "--loss-types",
                                           "sigmoid,sft", "--loss-weights", "1,2"])
-    assert (args.lr, args.packing, args.loss_types) == (1e-4, False, "sigmoid,sft")
+    assert (args.lr, args.packing, args.loss_types) == ("1e-4", False, "sigmoid,sft")
+    assert resolve({"lr": args.lr}).lr == 1e-4  # flags pass their text; TrainConfig converts
 
 
 def test_the_demo_runs_end_to_end_and_reports(tmp_path, capsys):

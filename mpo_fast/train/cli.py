@@ -6,9 +6,10 @@
     torchrun --nproc-per-node 8 -m mpo_fast.train --config mpo.yaml --distributed fsdp
 
 Every field of `mpo_fast.train.config.TrainConfig` is a flag (``--field-name``; booleans also
-``--no-field-name``; lists comma-separated). Order: defaults (the paper's), preset (the tiny
-model's: `--help` shows what it sets), ``--config`` YAML, flags; a flag given explicitly always
-wins. With the bundled model and task (the default) the run is the demo: it trains, then shows
+``--no-field-name``; lists comma-separated). Order: defaults (the paper's loss and optimizer),
+preset (``--preset paper``: the paper's whole recipe; ``--model tiny`` / ``tiny-vl`` imply
+their own: `--help` shows what each sets), ``--config`` YAML, flags; a flag given explicitly
+always wins. With the bundled model and task (the default) the run is the demo: it trains, then shows
 what improved (`mpo_fast.train.demo`). A user's error (a bad value, a missing file) ends in one
 line and exit status 1; ``--debug`` shows its traceback.
 
@@ -25,7 +26,7 @@ import re
 import signal
 
 from ..console import run_command
-from .config import PRESETS, TrainConfig, resolve
+from .config import MODEL_PRESETS, PRESETS, TrainConfig, resolve
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -35,9 +36,8 @@ DESCRIPTION = ("Train a model with Mixed Preference Optimization (0.8 DPO + 0.2 
 
 
 def build_parser(prog: str = "python -m mpo_fast.train") -> argparse.ArgumentParser:
-    presets = "; ".join(f"--model {name} sets " + ", ".join(f"{k}={_show(v)}" for k, v in
-                                                          values.items())
-                        for name, values in PRESETS.items())
+    presets = "; ".join(f"--preset {name}{_implied(name)} sets " + ", ".join(
+        f"{k}={_show(v)}" for k, v in values.items()) for name, values in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog=prog, description=DESCRIPTION,
         epilog=f"Presets (below --config and flags; a flag given explicitly wins): {presets}. "
@@ -81,7 +81,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        preset = "".join(f"; --model {name}: {_show(values[f.name])}"
+        preset = "".join(f"; {_preset_flag(name)}: {_show(values[f.name])}"
                          for name, values in PRESETS.items() if f.name in values)
         note = f"{_notes().get(f.name, '')} (default: {_show(default)}{preset})"
         note = note.replace("%", "%%")
@@ -99,6 +99,17 @@ def _notes() -> dict[str, str]:
     """Each field's comment in config.py: the one description of a field."""
     source = inspect.getsource(TrainConfig)
     return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
+
+
+def _preset_flag(name: str) -> str:
+    """How a preset is asked for: "--model tiny" for a bundled model's, else "--preset X"."""
+    models = [m for m, p in MODEL_PRESETS.items() if p == name]
+    return f"--model {models[0]}" if models else f"--preset {name}"
+
+
+def _implied(name: str) -> str:
+    models = [m for m, p in MODEL_PRESETS.items() if p == name]
+    return f" (implied by --model {models[0]})" if models else ""
 
 
 def _show(value) -> str:

@@ -1,12 +1,14 @@
 """`TrainConfig`: every knob of the trainer, one dataclass with the paper's defaults.
 
-Sources, later ones win: the dataclass defaults (MPO as trained for InternVL2-8B-MPO: beta 0.1,
-sigmoid + bco_pair + sft at 0.8 / 0.2 / 1.0 with the running-mean BCO shift and the SFT term
-normalized per answer (the paper's Eq. 5), lr 5e-6, cosine
-schedule with 3% warmup, weight decay 0.05, bf16 autocast on GPU), then a preset (``tiny``:
-the bundled model and task, whose random init needs a far larger learning rate), then a YAML
-file (``--config``), then command-line flags (``--lr 1e-5``, ``--loss-types sigmoid,sft``,
-``--no-packing``). A flag is the field's name with dashes.
+Sources, later ones win: the dataclass defaults (the paper's loss and optimizer, as trained for
+InternVL2-8B-MPO: beta 0.1, sigmoid + bco_pair + sft at 0.8 / 0.2 / 1.0 with the running-mean
+BCO shift and the SFT term normalized per answer (the paper's Eq. 5), lr 5e-6, cosine schedule
+with 3% warmup, weight decay 0.05, 1 epoch, bf16 autocast on GPU; not its batch shape: 16 pairs
+per step, 4096 tokens), then a preset (``--preset paper``: the whole recipe, 256 pairs per step
+and 6144 tokens included; ``tiny`` / ``tiny-vl``: the bundled models, whose random init needs
+a far larger learning rate, applied by ``--model tiny`` / ``tiny-vl`` unless another preset is
+named), then a YAML file (``--config``), then command-line flags (``--lr 1e-5``,
+``--loss-types sigmoid,sft``, ``--no-packing``). A flag is the field's name with dashes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = ["PRESETS", "TrainConfig", "resolve"]
 @dataclass
 class TrainConfig:
     # what to train on
+    preset: str = ""  # "paper", "tiny", "tiny-vl", "none" ("": the model's, if it has one)
     model: str = "tiny"  # "tiny" (bundled, built in code) or a Hugging Face model path / id
     data: str = "tiny"  # "tiny" (bundled task), an MMPR meta.json, or HF preference .jsonl/.json
     output_dir: str = ""  # where metrics and checkpoints go ("": runs/<timestamp>)
@@ -75,6 +78,7 @@ class TrainConfig:
             setattr(self, name, tuple(value))
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        _choice("preset", self.preset, ("", "none", *PRESETS))
         _choice("on_bad_data", self.on_bad_data, ("skip", "raise"))
         _choice("sft_normalize", self.sft_normalize, ("sequence", "token"))
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
@@ -95,18 +99,31 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-# Presets: defaults for a named setup, below a YAML file and flags. "tiny" is the bundled
-# demo: a random-init 2-layer model learns from scratch, so it needs lr ~1e-3, not 5e-6.
+# Presets: defaults for a named setup, below a YAML file and flags. "paper" is InternVL's MPO
+# recipe (InternVL2-8B-MPO: 256 pairs per optimizer step, reached by gradient accumulation
+# over packed micro-batches, sequences up to 6144 tokens). "tiny" is the bundled demo: a
+# random-init 2-layer model learns from scratch, so it needs lr ~1e-3, not 5e-6; "tiny-vl" the
+# same for the bundled tiny VLM, whose image tiles need longer sequences.
 PRESETS: dict[str, dict] = {
+    "paper": dict(pairs_per_step=256, max_length=6144, max_tokens=16384, lr=5e-6, epochs=1.0,
+                  max_steps=0, lr_schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.0,
+                  weight_decay=0.05, beta=0.1, loss_types=("sigmoid", "bco_pair", "sft"),
+                  loss_weights=(0.8, 0.2, 1.0), bco_delta="running_mean",
+                  sft_normalize="sequence", max_grad_norm=1.0),
     "tiny": dict(lr=1e-3, weight_decay=0.0, warmup_ratio=0.05, max_steps=240,
                  pairs_per_step=32, max_tokens=384, max_length=64, log_every=10,
                  save_every=0),
+    "tiny-vl": dict(lr=1e-3, weight_decay=0.0, warmup_ratio=0.05, max_steps=240,
+                    pairs_per_step=8, max_tokens=1024, max_length=256, log_every=10,
+                    save_every=0),
 }
+# the preset a model implies when none is named
+MODEL_PRESETS = {"tiny": "tiny", "tiny-vl": "tiny-vl"}
 
 
 def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> TrainConfig:
-    """Defaults, then the model's preset (if it has one), then the YAML file, then
-    ``overrides`` (the flags that were given)."""
+    """Defaults, then the preset (``preset``, or the model's if it has one), then the YAML
+    file, then ``overrides`` (the flags that were given)."""
     values: dict = {}
     if yaml_path:
         import yaml
@@ -121,15 +138,18 @@ def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> Trai
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
-    preset = PRESETS.get(values.get("model", TrainConfig.model), {})
-    return TrainConfig(**{**preset, **values})
+    name = values.get("preset") or MODEL_PRESETS.get(values.get("model", TrainConfig.model), "")
+    if name not in ("", "none") and name not in PRESETS:
+        raise ValueError(f"preset must be one of {('none', *PRESETS)}, got {name!r}")
+    preset = PRESETS.get(name, {})
+    return TrainConfig(**{**preset, **values, "preset": name})
 
 
 # Fields a resumed run may change: where and how often it reports and saves, how it splits
 # the work (memory, processes). Every other field is the run's identity: `--resume` refuses a
 # checkpoint whose run differed in one of them (unless --resume-force).
 NOT_IDENTITY = frozenset({
-    "output_dir", "resume", "resume_force", "progress", "log_every", "save_every",
+    "preset", "output_dir", "resume", "resume_force", "progress", "log_every", "save_every",
     "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
     "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir"})
 
