@@ -7,8 +7,11 @@ log_softmax, gather, the docs/DESIGN.md §3.3 loss table). Shapes are tiny; smal
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from conftest import HAS_CUDA, HAS_TRITON
 from reference import leaf64, logprobs, mpo_loss, pair_losses, rel_err
 
 import mpo_fast
@@ -16,6 +19,11 @@ from mpo_fast import single_pass, torch_backend
 from mpo_fast.losses import LossConfig
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Triton cases: the interpreter on a CPU machine, the real kernels on CUDA where there is one
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")),
+    reason="needs triton on CUDA or under TRITON_INTERPRET=1")
 MPO_LAGGED = {"loss_types": ("sigmoid", "bco_pair", "sft"), "bco_delta": "lagged"}
 
 
@@ -93,6 +101,7 @@ def test_frozen_head_logprobs_match_float64(dtype, head, monkeypatch):
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("head", [{}, {"softcap": 3.0, "temperature": 0.7}, {"bias": True}],
                          ids=["plain", "softcap-temp", "frozen-bias"])
+@requires_triton
 def test_frozen_head_triton_kernel_matches_float64(dtype, head, monkeypatch):
     """kernels/frozen_head.py (cuBLAS products + the Triton row kernel; the interpreter on
     the CPU) over several vocab slabs, against float64."""
@@ -100,10 +109,10 @@ def test_frozen_head_triton_kernel_matches_float64(dtype, head, monkeypatch):
     from mpo_fast.kernels import frozen_head
 
     H, V = 24, 601
-    hidden = torch.randn(3, 7, H).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H) * 3 / H**0.5).to(dtype)
-    bias = torch.randn(V).to(dtype) if head.get("bias") else None
-    targets = torch.randint(0, V, (3, 7))
+    hidden = torch.randn(3, 7, H).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(V, H) * 3 / H**0.5).to(DEVICE, dtype)
+    bias = torch.randn(V).to(DEVICE, dtype) if head.get("bias") else None
+    targets = torch.randint(0, V, (3, 7)).to(DEVICE)
     targets[torch.rand(3, 7) < 0.3] = -100
     kw = {k: v for k, v in head.items() if k != "bias"}
     calls = []
@@ -113,7 +122,7 @@ def test_frozen_head_triton_kernel_matches_float64(dtype, head, monkeypatch):
     out = mpo_fast.fused_logprobs(hidden, weight, targets, bias=bias, backend="triton",
                                   frozen_head=True, **kw)
     assert calls and frozen_head.slab_rows(21, V, hidden.element_size()) < V
-    upstream = torch.randn(out.shape)
+    upstream = torch.randn(out.shape, device=DEVICE)
     (out * upstream).sum().backward()
     h64 = leaf64(hidden)
     ref = logprobs(h64, weight.double(), targets, None if bias is None else bias.double(), **kw)
@@ -374,6 +383,7 @@ def test_half_operand_products_of_the_gpu_path(monkeypatch):
     assert rel_err(gh, gh64) <= 1e-2
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="a CPU guard (~15 s); on a GPU, gpu_suite.sh runs it for real")
 def test_gpu_modes_driver_dry_run(tmp_path):
     """bench/modes.py (gpu_suite.sh's "modes" part) at its CPU dry-run shapes, so the
     prepared GPU measurement cannot rot: every mode row has a time and float64 errors."""
@@ -404,6 +414,7 @@ def test_gpu_modes_driver_dry_run(tmp_path):
 
 
 @pytest.mark.parametrize("sft_normalize", ["token", "sequence"])
+@requires_triton
 def test_pair_terms_kernel_one_variant_for_every_pair_count(sft_normalize, monkeypatch):
     """The fused pair terms loop over a fixed block of pairs: the same constexprs for every
     B (so one compiled kernel on the GPU), and exact across block boundaries."""
@@ -424,10 +435,11 @@ def test_pair_terms_kernel_one_variant_for_every_pair_count(sft_normalize, monke
     cfg = LossConfig(("sigmoid", "bco_pair", "ipo", "sft"), (0.8, 0.2, 0.1, 1.0),
                      bco_delta="lagged", sft_normalize=sft_normalize)
     for B in (1, 3, 16, 17, k.PAIR_BLOCK, k.PAIR_BLOCK + 1, 2 * k.PAIR_BLOCK + 37):
-        seq = -5 * torch.rand(2 * B) - 1
-        ref = seq + 0.3 * torch.randn(2 * B)
-        count = torch.randint(0, 9, (2 * B,)).float()
-        state, t_state = mpo_fast.losses.new_bco_state(), mpo_fast.losses.new_bco_state()
+        seq = -5 * torch.rand(2 * B, device=DEVICE) - 1
+        ref = seq + 0.3 * torch.randn(2 * B, device=DEVICE)
+        count = torch.randint(0, 9, (2 * B,), device=DEVICE).float()
+        state = mpo_fast.losses.new_bco_state(DEVICE)
+        t_state = mpo_fast.losses.new_bco_state(DEVICE)
         loss, vec, coef = _fused_pair_terms(seq, ref, count, cfg, state)
         t_loss, t_vec, t_coef = _torch_pair_terms(seq, ref, count, cfg, t_state)
         assert abs(loss.item() - t_loss.item()) <= 1e-5 * max(1.0, abs(t_loss.item())), B
@@ -469,6 +481,7 @@ def test_split_add_keeps_about_sixteen_bits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("dw_accum", ["split", "weight"])
+@requires_triton
 def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
     """kernels/single_pass.py (cuBLAS products + the Triton row kernels; the interpreter on
     the CPU): several groups and a pair alone in two passes, packed, bias, softcap,
@@ -494,8 +507,9 @@ def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
                         lambda self, *a: long_pairs.append(1) or two_pass_pair(self, *a))
     assert 15 <= kernels.group_tokens(V, H, dtype, True) <= 21
     kw = {**MPO_LAGGED, **head, "dw_accum": dw_accum}
-    o, gh, gw, gb = run(mpo_fast.MPOLoss(backend="triton", single_pass=True, **kw), ph,
-                        weight, pt, prh, rw, scale=0.25, bias=bias, cu_seqlens=cu)
+    dev = [t.to(DEVICE) for t in (ph, weight, pt, prh, rw, bias, cu)]
+    o, gh, gw, gb = run(mpo_fast.MPOLoss(backend="triton", single_pass=True, **kw), *dev[:5],
+                        scale=0.25, bias=dev[5], cu_seqlens=dev[6])
     assert len(calls) == 1 and len(long_pairs) == 1  # pairs 1-2 in one pass, pair 0 alone
     loss64, gh64, gw64, gb64 = reference64(hidden, weight, targets, rh, rw,
                                            ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0),
@@ -506,15 +520,17 @@ def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
     assert rel_err(gh, gh64) <= tol and rel_err(gw, gw64) <= tol and rel_err(gb, gb64) <= tol
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
 def test_single_pass_with_an_empty_pair(backend, monkeypatch):
     """A pair whose answers have no completion token (log-prob 0, still in the batch means)
     forms an empty group (pair 0; pair 1, 18 tokens, goes alone in two passes): skipped,
     and everything matches the two-pass path."""
     monkeypatch.setenv("MPO_FAST_WORKSPACE_MB", "0.02")
-    hidden, weight, targets, rh, rw, _ = make_batch(lengths=[2, 11, 6, 2, 11, 7])
-    outs = [run(mpo_fast.MPOLoss(backend=backend, single_pass=sp, **MPO_LAGGED), hidden,
-                weight, targets, rh, rw) for sp in (True, False)]
+    batch = make_batch(lengths=[2, 11, 6, 2, 11, 7])[:5]
+    if backend == "triton":
+        batch = [t.to(DEVICE) for t in batch]
+    outs = [run(mpo_fast.MPOLoss(backend=backend, single_pass=sp, **MPO_LAGGED), *batch)
+            for sp in (True, False)]
     (o, gh, gw, _), (o2, gh2, gw2, _) = outs
     assert rel_err(o.loss, o2.loss) <= 1e-6 and o.chosen_logps[0] == 0
     assert rel_err(gh, gh2) <= 1e-5 and rel_err(gw, gw2) <= 1e-5
