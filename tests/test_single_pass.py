@@ -534,3 +534,39 @@ def test_single_pass_with_an_empty_pair(backend, monkeypatch):
     (o, gh, gw, _), (o2, gh2, gw2, _) = outs
     assert rel_err(o.loss, o2.loss) <= 1e-6 and o.chosen_logps[0] == 0
     assert rel_err(gh, gh2) <= 1e-5 and rel_err(gw, gw2) <= 1e-5
+
+
+def test_warmup_calls_bind_every_kernel_argument(monkeypatch):
+    """`mpo_fast.warmup` compiles on CUDA only; here its calls are checked against each
+    kernel's signature (every argument exactly once), pretending to be an sm_90 device."""
+    import contextlib
+    import inspect
+
+    from mpo_fast.kernels import (
+        configs,
+        frozen_head,
+        logprob_backward,
+        logprob_forward,
+        loss_epilogue,
+    )
+    from mpo_fast.kernels import single_pass as sp_kernels
+    from mpo_fast.kernels import warmup as w
+
+    monkeypatch.setattr(w, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    bound = []
+    kernels = [logprob_forward._logprob_fwd_kernel, logprob_backward._logit_grad_kernel,
+               frozen_head._slab_softmax_kernel, sp_kernels._row_stats_kernel,
+               sp_kernels._row_grad_kernel, loss_epilogue._segment_sums_kernel,
+               loss_epilogue._broadcast_kernel, loss_epilogue._pair_terms_kernel]
+    for kernel in kernels:
+        def check(*args, _k=kernel, grid=None, num_warps=None, num_stages=None, **meta):
+            inspect.signature(_k.fn).bind(*args, **meta)  # TypeError if one is off
+            bound.append(_k.fn.__name__)
+        monkeypatch.setattr(kernel, "warmup", check, raising=False)
+    n = w.warmup(151646, 4096, torch.bfloat16, "cuda", bias=True, softcap=True, frozen=True,
+                 single_pass=True)
+    n += w.warmup_epilogue(0b1000000010001, False, "cuda")
+    assert n == len(bound) and {k.fn.__name__ for k in kernels} == set(bound)
