@@ -138,9 +138,11 @@ def test_checkpoint_folder_loads_in_transformers(straight, tmp_path):
 
     ref_result, ref_weights = straight
     path = ref_result.checkpoint
-    assert sorted(os.listdir(path)) == sorted([
-        "config.json", "loss.safetensors", "manifest.json", "model.safetensors",
-        "optimizer.pt", "rng-rank0.safetensors", "scheduler.pt", "trainer_state.json"])
+    assert {"config.json", "loss.safetensors", "manifest.json", "model.safetensors",
+            "optimizer.pt", "rng-rank0.safetensors", "scheduler.pt", "trainer_state.json",
+            "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(
+        os.listdir(path))
+    assert checkpoint.verify(path) is None  # the manifest lists the tokenizer files too
     model = AutoModelForCausalLM.from_pretrained(path)
     got = dict(model.named_parameters())
     for name, w in ref_weights.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mpo_fast.train import cli
 from mpo_fast.train.config import PRESETS, TrainConfig, resolve
@@ -48,3 +49,34 @@ def test_help_shows_the_presets():
     assert "--preset paper sets pairs_per_step=256, max_length=6144" in text
     assert "(default: 16; --preset paper: 256; --model tiny: 32" in text
     assert "--preset tiny (implied by --model tiny) sets" in text
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_and_final_load_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mpo_fast.data import tiny
+    from mpo_fast.train import checkpoint
+    from mpo_fast.train.loop import train
+
+    cfg = resolve({"data": prefs(tmp_path / "p.jsonl"), "output_dir": str(tmp_path / "run"),
+                   "max_steps": 2, "save_every": 1, "pairs_per_step": 4, "progress": False})
+    result = train(cfg, log=lambda *a: None)
+    final = tmp_path / "run" / "final"
+    assert result.final == str(final)
+    trained = {n: p.detach() for n, p in result.model.named_parameters()}
+    for folder in (result.checkpoint, str(final)):
+        assert checkpoint.verify(folder) is None  # manifest written last, every file in it
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        got = dict(model.named_parameters())
+        assert all(torch.equal(got[n], w) for n, w in trained.items())
+        tok = AutoTokenizer.from_pretrained(folder)
+        want = tiny.tiny_tokenizer()
+        assert tok("largest of 3 9")["input_ids"] == want("largest of 3 9")["input_ids"]
+        assert tok.chat_template == want.chat_template
+        assert model.generation_config.eos_token_id == want.eos_token_id
+        state = json.loads(open(f"{folder}/trainer_state.json").read())
+        assert state["global_step"] == 2 and state["log_history"][-1]["step"] == 2
+    assert not (final / "optimizer.pt").exists()  # a model folder, not a resume point

@@ -7,7 +7,11 @@
         scheduler.pt          the learning-rate schedule
         loss.safetensors      MPOLoss state: the BCO running mean and count
         rng-rank<r>.safetensors  every process's RNG states (python, numpy, torch, CUDA)
-        trainer_state.json    step (the data position: see data.collate.step_pairs), config
+        trainer_state.json    step (the data position: see data.collate.step_pairs), config,
+                              global_step, epoch, log_history, best metric (as the HF Trainer's)
+        tokenizer files, generation_config.json (and processor files for a VLM, the adapter
+                              of a PEFT policy): `export.write_model_files`, so the folder
+                              loads with AutoModelForCausalLM + AutoTokenizer.from_pretrained
         manifest.json         sha256 and size of every file above, written last
 
 Nothing in a checkpoint can run code: tensors are safetensors, the two ``.pt`` files are read
@@ -62,9 +66,11 @@ class CheckpointError(RunError):
 
 
 def save(root: str, step: int, *, policy: nn.Module, optimizer, scheduler, ctx: Context,
-         state: dict, config=None, keep: int = 0) -> str:
+         state: dict, config=None, keep: int = 0, files=None) -> str:
     """Write checkpoint ``step`` under ``root`` atomically (replacing one of the same step);
-    keep the newest ``keep`` up to this step (0: all).
+    keep the newest ``keep`` up to this step (0: all). ``files(folder)``: writes the files
+    that make the folder self-contained (tokenizer, generation config: rank 0, before the
+    manifest, which lists them too).
 
     ``policy`` is the `MPOModel` (as wrapped by FSDP2, or the module inside DDP): its
     ``model.`` entries are the weights, the others (``loss_fn.bco_state``) the loss state.
@@ -88,6 +94,8 @@ def save(root: str, step: int, *, policy: nn.Module, optimizer, scheduler, ctx: 
         if ctx.main:
             _write_main(tmp, weights, optim, scheduler, config,
                         {**state, "step": step, "world_size": ctx.world})
+            if files is not None:
+                files(tmp)
         barrier(ctx)  # every rank's RNG file is in
         if ctx.main:
             _write(os.path.join(tmp, MANIFEST), lambda f: f.write(_manifest(tmp, step)))
@@ -469,9 +477,12 @@ class _naming_write_errors:
 
 
 def _manifest(folder: str, step: int) -> bytes:
+    """Every file under ``folder`` (subfolders included, by relative path) but the manifest."""
+    names = sorted(os.path.relpath(os.path.join(root, f), folder)
+                   for root, _, files in os.walk(folder) for f in files)
     files = {name: {"sha256": _sha256(os.path.join(folder, name)),
                     "bytes": os.path.getsize(os.path.join(folder, name))}
-             for name in sorted(os.listdir(folder)) if name != MANIFEST}
+             for name in names if name != MANIFEST}
     return json.dumps({"step": step, "files": files}, indent=1).encode()
 
 

@@ -36,7 +36,7 @@ from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..measure import peak_bytes
 from ..mpo import MPOLoss
-from . import checkpoint, distributed, reference
+from . import checkpoint, distributed, export, reference
 from .config import TrainConfig, identity_changes
 from .model import (
     MPOModel,
@@ -57,6 +57,7 @@ class Result:
     step: int = 0  # optimizer steps done (the data position)
     output_dir: str = ""
     checkpoint: str | None = None  # the last checkpoint written
+    final: str | None = None  # <output_dir>/final: the trained model, tokenizer, generation config
     stopped_by: int | None = None  # the signal that ended the run early, if any
     model: torch.nn.Module | None = None  # the trained Hugging Face model (unwrapped)
     loss_fn: MPOLoss | None = None
@@ -134,14 +135,19 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     bad: set[int] = set()
     bar = progress_bar(cfg, ctx, total, step)
 
+    def run_state() -> dict:  # trainer_state.json: ours, and the HF Trainer's names
+        return export.trainer_state(
+            step, total, result.history, cfg.pairs_per_step, len(examples),
+            pairs_seen=step * cfg.pairs_per_step, bad_pairs=len(bad),
+            skipped_nonfinite=skipped["nonfinite"], skipped_empty=skipped["empty"],
+            config=cfg.to_dict())
+
     def save_checkpoint() -> str:
         return checkpoint.save(
             ckpt_dir, step, policy=distributed.unwrap(policy), optimizer=optimizer,
             scheduler=scheduler, ctx=ctx, config=getattr(model, "config", None),
-            keep=cfg.keep_checkpoints,
-            state={"pairs_seen": step * cfg.pairs_per_step, "bad_pairs": len(bad),
-                   "skipped_nonfinite": skipped["nonfinite"],
-                   "skipped_empty": skipped["empty"], "config": cfg.to_dict()})
+            keep=cfg.keep_checkpoints, state=run_state(),
+            files=lambda folder: export.write_model_files(folder, model, tokenizer, processor))
 
     # ------------------------------------------------------------- the loop
     nonfinite_in_a_row, stopping = 0, False
@@ -248,6 +254,11 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
             result.checkpoint = save_checkpoint()
         result.stopped_by = stop.signum or -1
         say(f"\nstopped by a signal at step {step}; checkpoint {result.checkpoint}")
+    elif step == total and ctx.main and result.checkpoint:  # the trained model, self-contained
+        result.final = export.export(out_dir, "final", model, tokenizer, processor,
+                                     run_state(), checkpoint=result.checkpoint)
+        say(f"final model: {result.final}")
+    distributed.barrier(ctx)
     if bar is not None:
         bar.close()
     if metrics_file:
