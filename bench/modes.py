@@ -59,13 +59,13 @@ IMPLS = {  # name -> (executed FLOPs in NHV, frozen head)
 
 def make_inputs(N, H, V, device, dtype, pairs=PAIRS, seed=0):
     """2B padded answers of N / 2B tokens, a short ignored prompt, logits with std ~3."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     T = max(2, N // (2 * pairs))
-    hidden = torch.randn(2 * pairs, T, H, generator=g).to(device, dtype)
-    weight = (torch.randn(V, H, generator=g) * 3 / H**0.5).to(device, dtype)
-    targets = torch.randint(0, V, (2 * pairs, T), generator=g).to(device)
+    hidden = torch.randn(2 * pairs, T, H, generator=g, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=g, device=device) * 3 / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (2 * pairs, T), generator=g, device=device)
     targets[:, : max(1, T // 16)] = -100
-    ref_hidden = (hidden.float() + 0.1 * torch.randn(hidden.shape, generator=g).to(device)
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(hidden.shape, generator=g, device=device)
                   ).to(dtype)
     ref_weight = weight.clone()
     return hidden, weight, targets, ref_hidden, ref_weight
@@ -187,7 +187,8 @@ def liger_unavailable(device) -> str | None:
     return None
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """Every row of the module doc; `save(result)` after each one."""
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.bfloat16
     backend = "torch" if args.dry_run else "auto"
@@ -206,6 +207,7 @@ def run(args) -> dict:
             why = liger_unavailable(device) if impl.startswith("liger") else None
             if why:
                 result["rows"].append({**row, "skipped": why})
+                save(result)
                 print(f"{impl}: skipped ({why})", flush=True)
                 continue
             try:
@@ -233,6 +235,7 @@ def run(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             result["rows"].append(row)
+            save(result)
             print(json.dumps(row), flush=True)
         del inputs
     return result
@@ -298,30 +301,41 @@ def main(argv=None) -> int:
     if args.first_step:
         print(json.dumps(first_step(*args.first_step, args.dry_run)), flush=True)
         return 0
-    result = run(args)
-    # the first step after warmup, on an empty Triton cache, in a fresh process per shape
+    # first: the first step after warmup, on an empty Triton cache, in a fresh process (so
+    # nothing this process compiles helps it); then the rows, each written out as it comes,
+    # so a time limit that stops the run still leaves the table so far
     import subprocess
     import tempfile
 
-    result["first_step"] = []
+    first = []
     for _N, H, V in (DRY_SHAPES if args.dry_run else SHAPES)[:1]:
         env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-")}
         cmd = [sys.executable, "-m", "bench.modes", "--first-step", str(V), str(H)]
-        proc = subprocess.run(cmd + (["--dry-run"] if args.dry_run else []), env=env,
-                              capture_output=True, text=True, timeout=240)
+        try:
+            proc = subprocess.run(cmd + (["--dry-run"] if args.dry_run else []), env=env,
+                                  capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired:
+            print("first step: over 150 s", flush=True)
+            continue
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         if lines:
-            result["first_step"].append(json.loads(lines[-1]))
+            first.append(json.loads(lines[-1]))
+            print(lines[-1], flush=True)
         else:
             print("first step failed:", proc.stderr[-500:], flush=True)
-    text = table(result)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "modes.md").write_text(text)
-        json_dir = Path(args.json_out or args.out)
-        json_dir.mkdir(parents=True, exist_ok=True)
-        (json_dir / "modes.json").write_text(json.dumps(result, indent=1))
+
+    def save(result):
+        result["first_step"] = first
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "modes.md").write_text(table(result))
+            json_dir = Path(args.json_out or args.out)
+            json_dir.mkdir(parents=True, exist_ok=True)
+            (json_dir / "modes.json").write_text(json.dumps(result, indent=1))
+
+    result = run(args, save)
+    save(result)
+    print(table(result))
     return 0
 
 
