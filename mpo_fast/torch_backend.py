@@ -10,6 +10,13 @@ backward instead of stored:
               da = g (onehot - softmax) dz/da in place, then dH += da W_c, dW_c += da^T h,
               db_c += sum(da).
 
+and the one-pass modes (docs/DESIGN.md §3.1.4, §3.2.2):
+
+    forward_frozen     a frozen head: the forward also returns E = d logp / d hidden,
+                       accumulated with an online softmax over vocab chunks
+    single_pass_group  a group of whole pairs: kept logits, log-probs, the pairs' gradient,
+                       dZ, dH, dW and db in one pass (`group_tokens` sizes the group)
+
 Workspace bound (what exists beyond inputs, outputs, gradients and O(M) vectors): the tile
 [tc, vc] (twice with softcap in the backward), the fp32 copy of the hidden chunk [tc, H], the
 product da @ W_c [tc, H], the fp32 copy of the weight chunk [vc, H] (half-precision weights
