@@ -80,3 +80,62 @@ def test_checkpoints_and_final_load_with_from_pretrained(tmp_path):
         state = json.loads(open(f"{folder}/trainer_state.json").read())
         assert state["global_step"] == 2 and state["log_history"][-1]["step"] == 2
     assert not (final / "optimizer.pt").exists()  # a model folder, not a resume point
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_eval_logs_every_metric_changes_no_training_state_and_keeps_the_best(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mpo_fast.train.loop import train
+
+    data, held = prefs(tmp_path / "p.jsonl"), prefs(tmp_path / "h.jsonl", ROWS[:3], 1)
+    common = {"data": data, "max_steps": 4, "pairs_per_step": 4, "progress": False,
+              "lr": 3e-3}
+    plain = train(resolve({**common, "output_dir": str(tmp_path / "plain")}),
+                  log=lambda *a: None)
+    said = []
+    cfg = resolve({**common, "output_dir": str(tmp_path / "eval"), "eval_data": held,
+                   "eval_every": 2, "best_metric": "eval/rewards/accuracies"})
+    result = train(cfg, log=said.append)
+    evals = [h for h in result.history if "eval/loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    names = set(result.loss_fn.loss_config.metric_names)
+    assert {f"eval/{k}" for k in names} | {"eval/loss", "eval/pairs"} <= set(evals[0])
+    assert evals[0]["eval/pairs"] == 3
+    lines = [json.loads(x) for x in open(tmp_path / "eval" / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "eval/loss" in x] == [2, 4]
+    # no gradient, no BCO-state update, no random draw: training is bit-identical
+    train_losses = lambda r: [h["loss"] for h in r.history if "loss" in h]
+    assert train_losses(result) == train_losses(plain)
+    assert torch.equal(result.loss_fn.bco_state, plain.loss_fn.bco_state)
+    for (n, a), b in zip(result.model.named_parameters(), plain.model.parameters(),
+                         strict=True):
+        assert torch.equal(a, b), n
+    # the best by a higher-is-better metric, kept as <output_dir>/best
+    best = max(evals, key=lambda h: h["eval/rewards/accuracies"])
+    state = json.loads((tmp_path / "eval" / "best" / "trainer_state.json").read_text())
+    assert state["metric_for_best_model"] == "eval/rewards/accuracies"
+    assert state["best_metric"] == best["eval/rewards/accuracies"]
+    assert state["best"]["greater_is_better"] is True
+    assert any("best so far" in s and "higher is better" in s for s in said), said
+    AutoModelForCausalLM.from_pretrained(tmp_path / "eval" / "best")
+
+
+def test_eval_line_and_lower_is_better_for_a_loss(tmp_path):
+    import subprocess
+    import sys
+
+    held = prefs(tmp_path / "h.jsonl", ROWS[:2], 1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpo_fast", "train", "--data", prefs(tmp_path / "p.jsonl"),
+         "--eval-data", held, "--eval-pairs", "1", "--best-metric", "eval/loss",
+         "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--pairs-per-step", "4",
+         "--reference", "cached", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "run" / "ref_cache").iterdir())) == 2  # the eval set's own
+    assert "eval step 2/2: eval/loss" in proc.stdout, proc.stdout
+    assert "(lower is better)" in proc.stdout
+    state = json.loads((tmp_path / "run" / "best" / "trainer_state.json").read_text())
+    assert state["best"]["greater_is_better"] is False and state["best_global_step"] == 2

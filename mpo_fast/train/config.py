@@ -32,6 +32,12 @@ class TrainConfig:
     on_bad_data: str = "skip"  # "skip" (counted, reported) or "raise"
     allow_outside_root: bool = False  # image paths may leave the data's root (.., /abs, symlinks)
     max_length: int = 4096  # tokens of one sequence (prompt + answer)
+    # evaluation on held-out pairs
+    eval_data: str = ""  # held-out pairs, in any --data form ("": no evaluation)
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
+    best_metric: str = ""  # keep the best model in <output_dir>/best by this, e.g. eval/loss
+    greater_is_better: bool | None = None  # none: lower is better for *loss, else higher
     # the loss (MPO, the paper's)
     beta: float = 0.1  # KL coefficient of the preference terms
     loss_types: tuple[str, ...] = ("sigmoid", "bco_pair", "sft")  # any of mpo_fast.LOSS_TYPES
@@ -88,6 +94,9 @@ class TrainConfig:
         if len(self.loss_weights) != len(self.loss_types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for "
                              f"{len(self.loss_types)} loss_types {list(self.loss_types)}")
+        if self.best_metric and not self.eval_data:
+            raise ValueError(f"best_metric {self.best_metric!r} needs eval_data (held-out "
+                             "pairs to evaluate)")
         for name in ("pairs_per_step", "max_tokens", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -151,7 +160,9 @@ def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> Trai
 NOT_IDENTITY = frozenset({
     "preset", "output_dir", "resume", "resume_force", "progress", "log_every", "save_every",
     "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
-    "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir"})
+    "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir",
+    # evaluation reads the weights and changes nothing training reads
+    "eval_data", "eval_every", "eval_pairs", "best_metric", "greater_is_better"})
 
 
 # Fields added after runs were saved without them, with the value those runs trained with
@@ -233,6 +244,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
               "two values in [0, 1)"),
              ("max_steps", cfg.max_steps >= 0, ">= 0 (0: epochs decide)"),
              ("seed", cfg.seed >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
+             ("eval_every", cfg.eval_every >= 0, ">= 0 (0: only at the end)"),
+             ("eval_pairs", cfg.eval_pairs >= 0, ">= 0 (0: all)"),
              ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
              ("max_nonfinite_steps", cfg.max_nonfinite_steps >= 1, ">= 1")]
     for name, ok, must in rules:

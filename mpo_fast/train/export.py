@@ -54,7 +54,8 @@ def trainer_state(step: int, total: int, history: list[dict], pairs_per_step: in
              "log_history": [h for h in history if h.get("step", 0) <= step]}
     if best:
         state.update(best_metric=best.get("value"), best_model_checkpoint=best.get("path"),
-                     best_step=best.get("step"), metric_for_best_model=best.get("metric"))
+                     best_global_step=best.get("step"), metric_for_best_model=best.get("metric"),
+                     best=best)
     return {**state, **extra}
 
 

@@ -36,7 +36,7 @@ from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..measure import peak_bytes
 from ..mpo import MPOLoss
-from . import checkpoint, distributed, export, reference
+from . import checkpoint, distributed, evaluate, export, reference
 from .config import TrainConfig, identity_changes
 from .model import (
     MPOModel,
@@ -106,6 +106,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                       cfg.bco_delta, softcap=logit_softcap(model),
                       sft_normalize=cfg.sft_normalize)
     policy = distributed.wrap(MPOModel(model, loss_fn, amp).to(ctx.device), ctx)
+    held_out = evaluate.held_out(cfg, model, tokenize, ctx, out_dir, autocast, amp, ref, say)
 
     # ------------------------------------------------------------- optimizer and schedule
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -134,11 +135,18 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     metrics_file = open(metrics_path, "a") if ctx.main else None
     bad: set[int] = set()
     bar = progress_bar(cfg, ctx, total, step)
+    best = evaluate.Best(cfg, state.get("best"))
+
+    def write_record(record: dict) -> None:
+        result.history.append(record)
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     def run_state() -> dict:  # trainer_state.json: ours, and the HF Trainer's names
         return export.trainer_state(
             step, total, result.history, cfg.pairs_per_step, len(examples),
-            pairs_seen=step * cfg.pairs_per_step, bad_pairs=len(bad),
+            best=best.state, pairs_seen=step * cfg.pairs_per_step, bad_pairs=len(bad),
             skipped_nonfinite=skipped["nonfinite"], skipped_empty=skipped["empty"],
             config=cfg.to_dict())
 
@@ -226,10 +234,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                                "micro_batches": count, "step_time_s": dt,
                                "skipped_nonfinite": skipped["nonfinite"],
                                "skipped_empty": skipped["empty"]})
-                result.history.append(record)
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                write_record(record)
                 if bar is not None:
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in (
                         "loss", "rewards/accuracies", "tokens_per_s") if k in record})
@@ -247,6 +252,25 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
             # --------------------------------------------------------- checkpoint
             if step == total or (cfg.save_every and step % cfg.save_every == 0):
                 result.checkpoint, saved = save_checkpoint(), step
+
+            # --------------------------------------------------------- evaluate
+            if held_out and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record = {"step": step, **held_out.run(distributed.unwrap(policy))}
+                write_record(record)
+                line = log_line(cfg, record, total, prefix="eval/")
+                if bar is not None:
+                    bar.write(line)
+                elif ctx.main:
+                    print(line, flush=True)
+                if best.improves(record):  # kept as <output_dir>/best, from its checkpoint
+                    if saved != step:
+                        result.checkpoint, saved = save_checkpoint(), step
+                    if ctx.main:
+                        best.state["path"] = export.export(
+                            out_dir, "best", model, tokenizer, processor, run_state(),
+                            checkpoint=result.checkpoint)
+                    distributed.barrier(ctx)
+                    say(f"best so far: {best.describe()}")
     if stopping:
         # nothing trained yet: no checkpoint (a fresh start is the exact resume; an optimizer
         # loaded from an empty state would be stepped once by set_state_dict's initialization)
@@ -424,17 +448,25 @@ def lr_factor(cfg: TrainConfig, total: int):
     return factor
 
 
-def load_examples(cfg: TrainConfig, say) -> list:
-    """The training pairs: the bundled task for "tiny", else MMPR / HF preference files."""
-    if cfg.data == "tiny":
+def load_examples(cfg: TrainConfig, say, source: str | None = None,
+                  held_out: bool = False) -> list:
+    """The pairs of ``source`` (default ``cfg.data``): the bundled task for "tiny" (its
+    held-out prompts, never seen in training, for ``held_out``), else MMPR / HF preference
+    files."""
+    source = source or cfg.data
+    if source == "tiny":
         from ..data import tiny
 
-        return tiny.make_task(tiny.TRAIN_PAIRS, seed=cfg.seed + 1)
+        train_set = tiny.make_task(tiny.TRAIN_PAIRS, seed=cfg.seed + 1)
+        if not held_out:
+            return train_set
+        return tiny.make_task(tiny.HELD_OUT_PAIRS, seed=cfg.seed + 2,
+                              exclude=frozenset(e.prompt for e in train_set))
     from ..data.formats import load_dataset
 
-    examples, report = load_dataset(cfg.data, on_error=cfg.on_bad_data, seed=cfg.seed,
+    examples, report = load_dataset(source, on_error=cfg.on_bad_data, seed=cfg.seed,
                                     allow_outside_root=cfg.allow_outside_root)
-    say(f"data: {report.summary()}")
+    say(f"{'eval data' if held_out else 'data'}: {report.summary()}")
     return examples
 
 
@@ -478,12 +510,14 @@ def run_name(cfg: TrainConfig) -> str:
     return "mpo" if tuple(cfg.loss_types) == mpo else "+".join(cfg.loss_types)
 
 
-def log_line(cfg: TrainConfig, record: dict, total: int) -> str:
-    """One metrics record as a line of text, for runs without a progress bar."""
-    shown = [f"{key} {record[key]:.4g}" for key in (
+def log_line(cfg: TrainConfig, record: dict, total: int, prefix: str = "") -> str:
+    """One metrics record as a line of text, for runs without a progress bar (and for every
+    evaluation: ``prefix`` "eval/")."""
+    shown = [f"{prefix}{key} {record[prefix + key]:.4g}" for key in (
         "loss", "rewards/accuracies", "rewards/margins", "nll_loss", "lr", "tokens_per_s")
-        if key in record]
-    return f"{run_name(cfg)} step {record['step']}/{total}: " + ", ".join(shown)
+        if prefix + key in record]
+    name = "eval" if prefix else run_name(cfg)
+    return f"{name} step {record['step']}/{total}: " + ", ".join(shown)
 
 
 def default_output_dir() -> str:
