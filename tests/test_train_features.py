@@ -139,3 +139,65 @@ def test_eval_line_and_lower_is_better_for_a_loss(tmp_path):
     assert "(lower is better)" in proc.stdout
     state = json.loads((tmp_path / "run" / "best" / "trainer_state.json").read_text())
     assert state["best"]["greater_is_better"] is False and state["best_global_step"] == 2
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("save", ["adapter", "merged"])
+def test_lora_trains_only_adapters_against_the_adapter_disabled_policy(tmp_path, monkeypatch,
+                                                                        save):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from mpo_fast.data import tiny
+    from mpo_fast.train import reference
+    from mpo_fast.train.loop import train
+
+    def no_copy(*a, **k):
+        raise AssertionError("LoRA must not build a frozen copy")
+
+    monkeypatch.setattr(reference, "FrozenCopy", no_copy)
+    cfg = resolve({"data": prefs(tmp_path / "p.jsonl"), "output_dir": str(tmp_path / "run"),
+                   "max_steps": 3, "pairs_per_step": 4, "progress": False, "lora_r": 4,
+                   "lora_save": save, "log_every": 1})
+    assert cfg.reference == "adapter"  # the default with LoRA
+    tok = tiny.tiny_tokenizer()
+    base = tiny.tiny_lm(tok, hidden=128, layers=2, seed=0)  # what --model tiny builds
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    result = train(cfg, log=lambda *a: None)
+    model = result.model
+    assert isinstance(model, peft.PeftModel)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"}  # every linear of the language model, not the LM head
+    for n, p in model.get_base_model().named_parameters():
+        if "lora_" not in n:
+            key = n.replace(".base_layer", "")
+            assert torch.equal(p, before[key]), f"{n} changed"
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters()
+               if "lora_B" in n)  # the adapters did train
+    # step 1's rewards are 0: the reference is the policy with its (zero-init) adapters off
+    first = result.history[0]
+    assert first["rewards/chosen"] == 0 and first["rewards/margins"] == 0
+    batch = tok(["<|user|> largest of 3 9 4 <|end|> <|assistant|> 9"],
+                return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=batch).logits
+    final = tmp_path / "run" / "final"
+    if save == "adapter":
+        assert (final / "adapter_config.json").exists()
+        assert not (final / "model.safetensors").exists()
+        loaded = peft.PeftModel.from_pretrained(tiny.tiny_lm(tok, hidden=128, layers=2, seed=0),
+                                                str(final))
+    else:
+        assert not (final / "adapter_config.json").exists()
+        loaded = AutoModelForCausalLM.from_pretrained(str(final))
+    with torch.no_grad():
+        got = loaded.eval()(input_ids=batch).logits
+    assert (got - want).abs().max() < 1e-5
+    # every checkpoint holds the adapter too
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "adapter_config.json").exists()

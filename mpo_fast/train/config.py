@@ -45,8 +45,14 @@ class TrainConfig:
     bco_delta: str = "running_mean"  # the paper's reward shift; "none" for delta = 0
     sft_normalize: str = "sequence"  # the paper's Eq. 5 (per answer); "token": TRL's token mean
     label_smoothing: float = 0.0  # cDPO / robust / exo_pair / aot
-    reference: str = "copy"  # "copy" (frozen), "cached" (log-probs on disk), "adapter" (PEFT)
+    reference: str = "auto"  # "copy" (frozen), "cached" (on disk), "adapter" (LoRA's; auto: LoRA)
     ref_cache_dir: str = ""  # for reference="cached" ("": <output_dir>/ref_cache)
+    # LoRA (PEFT): adapters train, the model stays as it is
+    lora_r: int = 0  # LoRA rank (0: full fine-tune)
+    lora_alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_target_modules: tuple[str, ...] = ()  # module names, "all-linear" (): the LM's linears
+    lora_save: str = "adapter"  # final/ holds the "adapter" or the "merged" model
     # optimization
     lr: float = 5e-6  # peak learning rate (AdamW)
     weight_decay: float = 0.05  # on matrices; biases and norms get none
@@ -87,7 +93,11 @@ class TrainConfig:
         _choice("preset", self.preset, ("", "none", *PRESETS))
         _choice("on_bad_data", self.on_bad_data, ("skip", "raise"))
         _choice("sft_normalize", self.sft_normalize, ("sequence", "token"))
+        if self.reference == "auto":  # the adapter-disabled policy with LoRA: no second model
+            self.reference = "adapter" if self.lora_r else "copy"
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
+        _choice("lora_save", self.lora_save, ("adapter", "merged"))
+
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("distributed", self.distributed, ("auto", "ddp", "fsdp", "none"))
@@ -162,7 +172,8 @@ NOT_IDENTITY = frozenset({
     "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
     "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir",
     # evaluation reads the weights and changes nothing training reads
-    "eval_data", "eval_every", "eval_pairs", "best_metric", "greater_is_better"})
+    "eval_data", "eval_every", "eval_pairs", "best_metric", "greater_is_better",
+    "lora_save"})
 
 
 # Fields added after runs were saved without them, with the value those runs trained with
@@ -245,6 +256,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
              ("max_steps", cfg.max_steps >= 0, ">= 0 (0: epochs decide)"),
              ("seed", cfg.seed >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
              ("eval_every", cfg.eval_every >= 0, ">= 0 (0: only at the end)"),
+             ("lora_r", cfg.lora_r >= 0, ">= 0 (0: no LoRA)"),
+             ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+             ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
              ("eval_pairs", cfg.eval_pairs >= 0, ">= 0 (0: all)"),
              ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
              ("max_nonfinite_steps", cfg.max_nonfinite_steps >= 1, ">= 1")]

@@ -36,7 +36,7 @@ from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..measure import peak_bytes
 from ..mpo import MPOLoss
-from . import checkpoint, distributed, evaluate, export, reference
+from . import checkpoint, distributed, evaluate, export, lora, reference
 from .config import TrainConfig, identity_changes
 from .model import (
     MPOModel,
@@ -100,6 +100,10 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
         enable_checkpointing(model)
     if cfg.freeze_vision:
         backbone(model).vision_tower.requires_grad_(False)
+    if cfg.lora_r:  # only the adapters train; the reference is the adapter-disabled policy
+        if ctx.mode == "fsdp":
+            raise ValueError("LoRA (--lora-r) is not supported with FSDP; use DDP")
+        model = lora.wrap(model, cfg)
     model.to(ctx.device).train()
     ref = reference.make(cfg, model, examples, tokenize, ctx, out_dir, autocast, amp)
     loss_fn = MPOLoss(cfg.beta, cfg.loss_types, cfg.loss_weights, cfg.label_smoothing,
@@ -268,7 +272,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                     if ctx.main:
                         best.state["path"] = export.export(
                             out_dir, "best", model, tokenizer, processor, run_state(),
-                            checkpoint=result.checkpoint)
+                            cfg.lora_save, checkpoint=result.checkpoint)
                     distributed.barrier(ctx)
                     say(f"best so far: {best.describe()}")
     if stopping:
@@ -280,7 +284,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
         say(f"\nstopped by a signal at step {step}; checkpoint {result.checkpoint}")
     elif step == total and ctx.main and result.checkpoint:  # the trained model, self-contained
         result.final = export.export(out_dir, "final", model, tokenizer, processor,
-                                     run_state(), checkpoint=result.checkpoint)
+                                     run_state(), cfg.lora_save, checkpoint=result.checkpoint)
         say(f"final model: {result.final}")
     distributed.barrier(ctx)
     if bar is not None:

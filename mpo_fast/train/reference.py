@@ -103,8 +103,9 @@ class AdapterDisabled:
 
     def __init__(self, model: nn.Module, autocast, amp_dtype=None):
         if not hasattr(model, "disable_adapter"):
-            raise ValueError("reference='adapter' needs a PEFT model (with disable_adapter); "
-                             "use reference='copy' for a full fine-tune")
+            raise ValueError("reference='adapter' needs a PEFT model (with disable_adapter): "
+                             "train with LoRA (--lora-r 16), or use reference='copy' for a "
+                             "full fine-tune")
         self.model, self.autocast, self.amp_dtype = model, autocast, amp_dtype
 
     def logps(self, batch: Batch):
