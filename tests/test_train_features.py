@@ -201,3 +201,52 @@ def test_lora_trains_only_adapters_against_the_adapter_disabled_policy(tmp_path,
     assert (got - want).abs().max() < 1e-5
     # every checkpoint holds the adapter too
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "adapter_config.json").exists()
+
+
+# --------------------------------------------------------------------------- the tiny VLM
+
+
+def mmpr_folder(root, n=6):
+    """A tiny MMPR set: meta.json, an annotation .jsonl and PIL-made images."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    rows = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        Image.new("RGB", (40, 40), colors[name]).save(root / "images" / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "<image>\nWhat color is the square?",
+                     "chosen": f"It is {name}.", "rejected": f"It is {list(colors)[i % 3 - 1]}."})
+    (root / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "meta.json").write_text(json.dumps(
+        {"colors": {"root": "images", "annotation": "ann.jsonl", "repeat_time": 1}}))
+    return str(root / "meta.json")
+
+
+def test_tiny_vl_trains_on_mmpr_images_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from mpo_fast.data.tiny import TinyVLProcessor
+
+    meta = mmpr_folder(tmp_path / "mmpr")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpo_fast", "train", "--model", "tiny-vl", "--data", meta,
+         "--output-dir", str(out), "--max-steps", "3", "--pairs-per-step", "4",
+         "--log-every", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["pairs"] == 4 and r["loss"] == r["loss"] for r in records)  # no pair skipped
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "tiny-vl" and config["max_length"] == 256
+    final = str(out / "final")
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    processor = TinyVLProcessor.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert tok.chat_template == processor.tokenizer.chat_template and processor.image_size == 32

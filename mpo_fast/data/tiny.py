@@ -126,6 +126,32 @@ class TinyVLProcessor:
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
+    CONFIG = "tiny_vl_processor.json"  # its settings; the tokenizer's own files beside it
+
+    def save_pretrained(self, folder: str) -> None:
+        """The tokenizer's files (`AutoTokenizer.from_pretrained(folder)` loads it) and this
+        processor's settings, for `from_pretrained`."""
+        import json
+        import os
+
+        self.tokenizer.save_pretrained(folder)
+        settings = {"image_size": self.image_size, "image_seq_length": self.image_seq_length,
+                    "sep": self.sep}
+        with open(os.path.join(folder, self.CONFIG), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> TinyVLProcessor:
+        """The processor `save_pretrained` wrote into ``folder``."""
+        import json
+        import os
+
+        from transformers import AutoTokenizer
+
+        with open(os.path.join(folder, cls.CONFIG), encoding="utf-8") as f:
+            settings = json.load(f)
+        return cls(AutoTokenizer.from_pretrained(folder), **settings)
+
     def expand(self, text: str) -> str:
         """``text`` with every image placeholder expanded to the image's tokens."""
         tile = self.sep.join([IMG_START, *[IMG_CONTEXT] * self.image_seq_length, IMG_END])

@@ -32,7 +32,9 @@ TRAINER_REMEDY = ("train it with packing off (--no-packing: padded batches, the 
 
 
 def load(name: str, seed: int = 0):
-    """(model, tokenizer, processor) for ``name``: "tiny" builds the bundled model in code;
+    """(model, tokenizer, processor) for ``name``: "tiny" builds the bundled model in code,
+    "tiny-vl" the bundled tiny InternVL-style VLM (the pair miniature's: `mpo_fast.pairs.tiny`,
+    a byte-level BPE tokenizer with a ChatML template, 32 x 32 images as 16 tokens);
     otherwise a Hugging Face path or id — a config with a vision part loads as
     AutoModelForImageTextToText with its AutoProcessor, else AutoModelForCausalLM (processor
     None). Weights load in fp32 (the master copy; autocast runs the bf16 compute)."""
@@ -41,6 +43,12 @@ def load(name: str, seed: int = 0):
 
         tokenizer = tiny.tiny_tokenizer()
         return tiny.tiny_lm(tokenizer, hidden=128, layers=2, seed=seed), tokenizer, None
+    if name == "tiny-vl":
+        from ..pairs.tiny import build_tiny_vlm, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model, processor = build_tiny_vlm(tokenizer, seed=seed)
+        return model.train(), tokenizer, processor
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
