@@ -250,3 +250,93 @@ def test_tiny_vl_trains_on_mmpr_images_from_the_cli(tmp_path):
     tok = AutoTokenizer.from_pretrained(final)
     assert type(model).__name__ == "InternVLForConditionalGeneration"
     assert tok.chat_template == processor.tokenizer.chat_template and processor.image_size == 32
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def test_model_options_reach_from_pretrained_and_remote_code_stays_off(tmp_path, monkeypatch):
+    import transformers
+
+    from mpo_fast.data import tiny
+    from mpo_fast.train.model import load
+
+    tok = tiny.tiny_tokenizer()
+    tiny.tiny_lm(tok, hidden=32, layers=1, heads=2).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    calls = []
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"):
+        cls = getattr(transformers, name)
+        real = cls.from_pretrained
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, k))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    model, _, _ = load(str(tmp_path / "m"))
+    assert calls and all(k["trust_remote_code"] is False for _, k in calls)  # never on unasked
+    assert next(p for p in model.parameters()).dtype == torch.float32
+    calls.clear()
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model, tok2, _ = load(str(tmp_path / "m"), trust_remote_code=True, revision="main",
+                          torch_dtype="bfloat16", attn_implementation="eager",
+                          chat_template=str(tmp_path / "t.jinja"))
+    assert all(k["trust_remote_code"] is True and k["revision"] == "main" for _, k in calls)
+    kw = dict(calls)["AutoModelForCausalLM"]
+    assert kw["attn_implementation"] == "eager" and kw["dtype"] == torch.bfloat16
+    assert next(p for p in model.parameters()).dtype == torch.bfloat16
+    assert tok2.chat_template == (tmp_path / "t.jinja").read_text()
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "--trust-remote-code, --no-trust-remote-code" in text and "(default: False)" in text
+
+
+def test_a_dataset_saved_with_save_to_disk_trains(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from mpo_fast.train.loop import train
+
+    datasets.Dataset.from_list(ROWS * 4).save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS * 4),
+                          "test": datasets.Dataset.from_list(ROWS[:2])}).save_to_disk(
+        str(tmp_path / "dict"))
+    said = []
+    result = train(resolve({"data": str(tmp_path / "flat"), "output_dir": str(tmp_path / "a"),
+                            "max_steps": 2, "pairs_per_step": 4, "progress": False}),
+                   log=said.append)
+    assert result.step == 2 and "data: 16 pairs loaded" in said
+    result = train(resolve({"data": str(tmp_path / "dict"), "eval_data": str(tmp_path / "dict"),
+                            "output_dir": str(tmp_path / "b"), "max_steps": 2,
+                            "pairs_per_step": 4, "progress": False}), log=said.append)
+    assert "eval data: 2 pairs loaded" in said  # the test split
+    assert result.history[-1]["eval/pairs"] == 2
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        train(resolve({"data": str(tmp_path / "dict"), "data_split": "validation",
+                       "output_dir": str(tmp_path / "c"), "progress": False}), log=said.append)
+
+
+def test_a_dataset_name_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from mpo_fast.data import load_dataset
+    from mpo_fast.train.loop import train
+
+    asked = []
+
+    def fake(name, config=None, split=None):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_list(ROWS * 4)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    result = train(resolve({"data": "someone/prefs", "data_config": "en",
+                            "data_split": "train[:90%]", "output_dir": str(tmp_path / "a"),
+                            "max_steps": 1, "pairs_per_step": 4, "progress": False}),
+                   log=lambda *a: None)
+    assert result.step == 1 and asked == [("someone/prefs", "en", "train[:90%]")]
+    # TRL's vision preference rows: PIL images in an "images" column
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [
+        {"prompt": "<image> what color ?", "chosen": "red", "rejected": "blue",
+         "images": [image]}])
+    examples, report = load_dataset("someone/vl-prefs")
+    assert report.loaded == 1 and examples[0].images == (image,)

@@ -1,6 +1,6 @@
 """Preference data formats -> `Example`s, with bad lines reported by file and line.
 
-Two formats (DESIGN.md §5):
+Two formats, and the second as a `datasets` dataset (DESIGN.md §5):
 
     MMPR           meta.json: {name: {"root": image dir, "annotation": .jsonl, "repeat_time": r}}
                    (relative paths are taken from meta.json's folder); each annotation line is
@@ -11,6 +11,9 @@ Two formats (DESIGN.md §5):
                    prompt a string or chat messages ([{"role", "content"}], content a string
                    or parts [{"type": "text", "text"} | {"type": "image"}]); chosen/rejected a
                    string or assistant messages; images a list of paths relative to the file.
+    datasets       the HF preference format as a `datasets` dataset: a folder written by
+                   ``save_to_disk``, or a dataset name (``split``, ``config``); images may be
+                   PIL images (`load_hf_dataset`).
 
 Images are referenced in the text by the placeholder "<image>" (MMPR's own); a prompt without
 any gets one per image in front (`mpo_fast.data.collate` turns them into the model's image
@@ -35,7 +38,7 @@ import random
 from dataclasses import dataclass, field
 
 __all__ = ["IMAGE_PLACEHOLDER", "DataError", "Example", "LoadReport", "load_dataset",
-           "load_mmpr", "load_preference"]
+           "load_hf_dataset", "load_mmpr", "load_preference"]
 
 IMAGE_PLACEHOLDER = "<image>"
 ON_ERROR = ("skip", "raise")
@@ -86,16 +89,65 @@ class LoadReport:
 
 
 def load_dataset(path: str, *, on_error: str = "skip", seed: int = 0, check_images: bool = True,
-                 allow_outside_root: bool = False) -> tuple[list[Example], LoadReport]:
+                 allow_outside_root: bool = False, split: str = "train",
+                 config: str | None = None) -> tuple[list[Example], LoadReport]:
     """Load MMPR (a meta.json of annotation files) or the HF preference format (.jsonl/.json),
     chosen by the file: a .json holding a JSON object is an MMPR meta file (a preference .json
-    holds a list)."""
+    holds a list). A folder written by `datasets`' ``save_to_disk``, or a name that is no
+    file (a `datasets` dataset on the Hub, with ``config`` and ``split``), is read with the
+    `datasets` library: rows in the HF preference format (`load_hf_dataset`)."""
     _check_on_error(on_error)
+    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".json", ".jsonl"))):
+        return load_hf_dataset(path, split=split, config=config, on_error=on_error,
+                               check_images=check_images, allow_outside_root=allow_outside_root)
     opts = dict(on_error=on_error, check_images=check_images,
                 allow_outside_root=allow_outside_root)
     if path.endswith(".json") and isinstance(_read_json(path), dict):
         return load_mmpr(path, seed=seed, **opts)
     return load_preference(path, **opts)
+
+
+def load_hf_dataset(name: str, *, split: str = "train", config: str | None = None,
+                    on_error: str = "skip", check_images: bool = True,
+                    allow_outside_root: bool = False) -> tuple[list[Example], LoadReport]:
+    """A `datasets` dataset in the HF preference format (TRL's: "prompt", "chosen",
+    "rejected", optional "images" as PIL images or paths): a folder written by
+    ``save_to_disk`` (a Dataset, or a DatasetDict whose ``split`` is taken), or a dataset
+    name ``datasets.load_dataset(name, config, split=split)`` reads (the Hub, its cache).
+    Rows are checked as a .jsonl file's, named ``name[split][i]``."""
+    _check_on_error(on_error)
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(name, "not a file; reading it as a `datasets` dataset needs the "
+                        "datasets package (pip install datasets)") from err
+    if os.path.isdir(path := name):
+        if not any(os.path.exists(os.path.join(path, f)) for f in (
+                "dataset_info.json", "dataset_dict.json", "state.json")):
+            raise DataError(path, "a folder, but not one written by datasets' save_to_disk "
+                            "(no dataset_info.json / dataset_dict.json)")
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise DataError(path, f"no split {split!r} (it has {sorted(data)}); choose one "
+                                "with --data-split / --eval-split")
+            data = data[split]
+        root = os.path.abspath(path)
+    else:
+        try:
+            data = datasets.load_dataset(name, config or None, split=split)
+        except Exception as err:  # offline, no such dataset, no such split / config
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise DataError(name, "no such file or folder here, and datasets.load_dataset "
+                            f"could not read it as a dataset name: {type(err).__name__}: "
+                            f"{first}") from err
+        root = os.getcwd()
+    parse = lambda obj, src: _hf_row(obj, src, root, check_images, allow_outside_root)
+    rows, report = [], LoadReport()
+    for i, obj in enumerate(data):
+        _parse_into(rows, report, parse, dict(obj), f"{name}[{split}][{i}]", on_error)
+    report.loaded = len(rows)
+    return rows, report
 
 
 def load_mmpr(meta_path: str, *, on_error: str = "skip", seed: int = 0,
@@ -254,6 +306,8 @@ def _hf_row(obj: dict, src: str, root: str, check_images: bool, outside: bool) -
     else:
         prompt = _text(obj, "prompt", src)
     images = obj.get("images") or []
+    if images and all(hasattr(p, "convert") for p in images):  # PIL images (`datasets`)
+        return _example(prompt, obj, src, [], check_images, tuple(images))
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise DataError(src, "'images' must be a list of paths (or absent)")
     return _example(prompt, obj, src, _image_paths(images, root, src, outside), check_images)
@@ -274,12 +328,19 @@ def _image_paths(paths: list[str], root: str, src: str, outside: bool) -> list[s
     return joined
 
 
-def _example(prompt, obj: dict, src: str, images: list[str], check_images: bool) -> Example:
+def _example(prompt, obj: dict, src: str, images: list[str], check_images: bool,
+             in_memory: tuple = ()) -> Example:
+    """The pair; ``in_memory``: PIL images (no file to check) in place of ``images``."""
     chosen, rejected = _answer(obj, "chosen", src), _answer(obj, "rejected", src)
     if chosen == rejected:
         raise DataError(src, "'chosen' and 'rejected' are identical (the pair teaches nothing)")
     text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
     n = text.count(IMAGE_PLACEHOLDER)
+    if in_memory:
+        if n and n != len(in_memory):
+            raise DataError(src, f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders but "
+                            f"{len(in_memory)} images")
+        return Example(prompt, chosen, rejected, in_memory, src)
     if n and n != len(images):
         raise DataError(src, f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders but "
                         f"{len(images)} images")

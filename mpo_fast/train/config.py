@@ -26,14 +26,22 @@ __all__ = ["PRESETS", "TrainConfig", "resolve"]
 class TrainConfig:
     # what to train on
     preset: str = ""  # "paper", "tiny", "tiny-vl", "none" ("": the model's, if it has one)
-    model: str = "tiny"  # "tiny" (bundled, built in code) or a Hugging Face model path / id
-    data: str = "tiny"  # "tiny" (bundled task), an MMPR meta.json, or HF preference .jsonl/.json
+    model: str = "tiny"  # "tiny" / "tiny-vl" (bundled, built in code), or an HF model path / id
+    trust_remote_code: bool = False  # run the model repository's own code (never on by itself)
+    revision: str = ""  # the model's branch / tag / commit on the Hub ("": its default)
+    torch_dtype: str = "float32"  # weights load as float32 (master copy), bfloat16, float16, auto
+    attn_implementation: str = ""  # padded batches / vision tower ("": sdpa, else eager)
+    chat_template: str = ""  # a Jinja chat template file, in place of the tokenizer's
+    data: str = "tiny"  # "tiny", MMPR meta.json, preference .jsonl/.json, datasets name/folder
+    data_split: str = "train"  # the split of a datasets name / save_to_disk DatasetDict
+    data_config: str = ""  # the configuration of a datasets name
     output_dir: str = ""  # where metrics and checkpoints go ("": runs/<timestamp>)
     on_bad_data: str = "skip"  # "skip" (counted, reported) or "raise"
     allow_outside_root: bool = False  # image paths may leave the data's root (.., /abs, symlinks)
     max_length: int = 4096  # tokens of one sequence (prompt + answer)
     # evaluation on held-out pairs
     eval_data: str = ""  # held-out pairs, in any --data form ("": no evaluation)
+    eval_split: str = "test"  # the split of an eval_data datasets name / DatasetDict
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
     best_metric: str = ""  # keep the best model in <output_dir>/best by this, e.g. eval/loss
@@ -97,6 +105,7 @@ class TrainConfig:
             self.reference = "adapter" if self.lora_r else "copy"
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
         _choice("lora_save", self.lora_save, ("adapter", "merged"))
+        _choice("torch_dtype", self.torch_dtype, ("float32", "bfloat16", "float16", "auto"))
 
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
@@ -172,7 +181,7 @@ NOT_IDENTITY = frozenset({
     "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
     "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir",
     # evaluation reads the weights and changes nothing training reads
-    "eval_data", "eval_every", "eval_pairs", "best_metric", "greater_is_better",
+    "eval_data", "eval_split", "eval_every", "eval_pairs", "best_metric", "greater_is_better",
     "lora_save"})
 
 

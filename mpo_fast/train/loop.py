@@ -89,11 +89,14 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
 
     # ------------------------------------------------------------- model and data
     if model is None:
-        model, tokenizer, processor = load(cfg.model, cfg.seed)
+        model, tokenizer, processor = load(
+            cfg.model, cfg.seed, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+            torch_dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
+            chat_template=cfg.chat_template)
     if examples is None:
         examples = load_examples(cfg, say)
     tokenize = PairTokenizer(tokenizer, processor, max_length=cfg.max_length)
-    set_attention(model, cfg.packing)
+    set_attention(model, cfg.packing, cfg.attn_implementation)
     if cfg.packing:
         check_packable(model)
     if cfg.gradient_checkpointing:
@@ -456,7 +459,7 @@ def load_examples(cfg: TrainConfig, say, source: str | None = None,
                   held_out: bool = False) -> list:
     """The pairs of ``source`` (default ``cfg.data``): the bundled task for "tiny" (its
     held-out prompts, never seen in training, for ``held_out``), else MMPR / HF preference
-    files."""
+    files or a `datasets` dataset (its ``data_split``; ``eval_split`` for ``held_out``)."""
     source = source or cfg.data
     if source == "tiny":
         from ..data import tiny
@@ -469,7 +472,9 @@ def load_examples(cfg: TrainConfig, say, source: str | None = None,
     from ..data.formats import load_dataset
 
     examples, report = load_dataset(source, on_error=cfg.on_bad_data, seed=cfg.seed,
-                                    allow_outside_root=cfg.allow_outside_root)
+                                    allow_outside_root=cfg.allow_outside_root,
+                                    split=cfg.eval_split if held_out else cfg.data_split,
+                                    config=cfg.data_config or None)
     say(f"{'eval data' if held_out else 'data'}: {report.summary()}")
     return examples
 

@@ -31,39 +31,61 @@ TRAINER_REMEDY = ("train it with packing off (--no-packing: padded batches, the 
                   "its own positions)")
 
 
-def load(name: str, seed: int = 0):
+def load(name: str, seed: int = 0, *, trust_remote_code: bool = False, revision: str = "",
+         torch_dtype: str = "float32", attn_implementation: str = "", chat_template: str = ""):
     """(model, tokenizer, processor) for ``name``: "tiny" builds the bundled model in code,
     "tiny-vl" the bundled tiny InternVL-style VLM (the pair miniature's: `mpo_fast.pairs.tiny`,
     a byte-level BPE tokenizer with a ChatML template, 32 x 32 images as 16 tokens);
     otherwise a Hugging Face path or id — a config with a vision part loads as
     AutoModelForImageTextToText with its AutoProcessor, else AutoModelForCausalLM (processor
-    None). Weights load in fp32 (the master copy; autocast runs the bf16 compute)."""
+    None). Weights load in fp32 (the master copy; autocast runs the bf16 compute) unless
+    ``torch_dtype`` says otherwise. ``trust_remote_code``, ``revision`` and
+    ``attn_implementation`` go to every ``from_pretrained``; ``chat_template``, a Jinja file,
+    replaces the tokenizer's (and processor's) template."""
+    if name in ("tiny", "tiny-vl"):
+        model, tokenizer, processor = _bundled(name, seed)
+        if torch_dtype not in ("float32", "auto"):
+            model.to(getattr(torch, torch_dtype))
+    else:
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            AutoTokenizer,
+        )
+
+        hub = {"trust_remote_code": trust_remote_code, "revision": revision or None}
+        config = AutoConfig.from_pretrained(name, **hub)
+        vlm = getattr(config, "vision_config", None) is not None
+        cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = cls.from_pretrained(name, dtype=dtype, **hub, **extra)
+        processor = AutoProcessor.from_pretrained(name, **hub) if vlm else None
+        tokenizer = processor.tokenizer if vlm else AutoTokenizer.from_pretrained(name, **hub)
+    if chat_template:
+        with open(chat_template, encoding="utf-8") as f:
+            template = f.read()
+        tokenizer.chat_template = template
+        if processor is not None:
+            processor.chat_template = template
+    return model, tokenizer, processor
+
+
+def _bundled(name: str, seed: int):
+    """The models built in code: "tiny" (a Llama and the word-level tokenizer of the demo's
+    task) and "tiny-vl" (the pair miniature's InternVL and its processor)."""
     if name == "tiny":
         from ..data import tiny
 
         tokenizer = tiny.tiny_tokenizer()
         return tiny.tiny_lm(tokenizer, hidden=128, layers=2, seed=seed), tokenizer, None
-    if name == "tiny-vl":
-        from ..pairs.tiny import build_tiny_vlm, build_tokenizer
+    from ..pairs.tiny import build_tiny_vlm, build_tokenizer
 
-        tokenizer = build_tokenizer()
-        model, processor = build_tiny_vlm(tokenizer, seed=seed)
-        return model.train(), tokenizer, processor
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
-
-    config = AutoConfig.from_pretrained(name)
-    vlm = getattr(config, "vision_config", None) is not None
-    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-    model = cls.from_pretrained(name, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(name) if vlm else None
-    tokenizer = processor.tokenizer if vlm else AutoTokenizer.from_pretrained(name)
-    return model, tokenizer, processor
+    tokenizer = build_tokenizer()
+    model, processor = build_tiny_vlm(tokenizer, seed=seed)
+    return model.train(), tokenizer, processor
 
 
 class MPOModel(nn.Module):
@@ -133,11 +155,14 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     return base(input_ids=input_ids, **kwargs).last_hidden_state
 
 
-def set_attention(model: nn.Module, packed: bool) -> None:
+def set_attention(model: nn.Module, packed: bool, padded: str = "") -> None:
     """Packed batches: "mpo_fast_packed" attention in the language model (the vision tower
-    keeps its own); padded batches: "sdpa" (or "eager") with the attention mask."""
+    keeps its own); padded batches: ``padded`` if given (``--attn-implementation``), else
+    "sdpa" (or "eager") with the attention mask."""
     if packed:
         name = register()
+    elif padded:
+        name = padded
     else:  # sdpa where the model supports it (Gemma 2 does not), else eager
         name = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
     if "text_config" in getattr(model.config, "sub_configs", {}):
