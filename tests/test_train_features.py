@@ -340,3 +340,44 @@ def test_a_dataset_name_goes_through_datasets_load_dataset(tmp_path, monkeypatch
          "images": [image]}])
     examples, report = load_dataset("someone/vl-prefs")
     assert report.loaded == 1 and examples[0].images == (image,)
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+def test_tensorboard_events_hold_the_loss_and_wandb_gets_the_records(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import importlib.machinery
+    import sys
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mpo_fast.train.loop import train
+
+    logged, inits = [], []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **k: inits.append(k) or types.SimpleNamespace(
+        id="run1", log=lambda values, step: logged.append((step, values)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # wandb's API, without the package
+    held = prefs(tmp_path / "h.jsonl", ROWS[:2], 1)
+    result = train(resolve({"data": prefs(tmp_path / "p.jsonl"), "eval_data": held,
+                            "output_dir": str(tmp_path / "run"), "max_steps": 3,
+                            "pairs_per_step": 4, "log_every": 1, "progress": False,
+                            "report_to": "tensorboard,wandb"}), log=lambda *a: None)
+    events = EventAccumulator(str(tmp_path / "run" / "runs"))
+    events.Reload()
+    assert {"train/loss", "train/rewards/accuracies", "train/lr", "eval/loss"} <= set(
+        events.Tags()["scalars"])
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    want = [(h["step"], h["loss"]) for h in result.history if "loss" in h]
+    assert [s for s, _ in losses] == [s for s, _ in want] == [1, 2, 3]
+    assert all(abs(a - b) < 1e-6 * max(1, abs(b)) for (_, a), (_, b) in zip(losses, want,
+                                                                             strict=True))
+    assert inits[0]["config"]["report_to"] == ["tensorboard", "wandb"]
+    assert [s for s, v in logged if "train/loss" in v] == [1, 2, 3]
+    assert any("eval/loss" in v for _, v in logged)
+    assert (tmp_path / "run" / "wandb_run_id").read_text() == "run1"
+    with pytest.raises(ValueError, match="report_to must be one of"):
+        resolve({"report_to": "tensorbord"})

@@ -81,6 +81,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0  # initial weights of built models, data order
     log_every: int = 1  # steps between metrics.jsonl records
+    report_to: tuple[str, ...] = ("none",)  # "tensorboard", "wandb" too (none: metrics.jsonl)
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str = ""  # "" (fresh), "auto" (latest in output_dir if any) or a checkpoint path
@@ -105,6 +106,8 @@ class TrainConfig:
             self.reference = "adapter" if self.lora_r else "copy"
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
         _choice("lora_save", self.lora_save, ("adapter", "merged"))
+        for kind in self.report_to:
+            _choice("report_to", kind, ("none", "tensorboard", "wandb"))
         _choice("torch_dtype", self.torch_dtype, ("float32", "bfloat16", "float16", "auto"))
 
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
@@ -182,7 +185,7 @@ NOT_IDENTITY = frozenset({
     "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir",
     # evaluation reads the weights and changes nothing training reads
     "eval_data", "eval_split", "eval_every", "eval_pairs", "best_metric", "greater_is_better",
-    "lora_save"})
+    "lora_save", "report_to"})
 
 
 # Fields added after runs were saved without them, with the value those runs trained with

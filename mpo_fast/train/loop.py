@@ -36,7 +36,7 @@ from ..data.collate import PairTokenizer, collate, micro_batches, step_pairs
 from ..data.formats import DataError
 from ..measure import peak_bytes
 from ..mpo import MPOLoss
-from . import checkpoint, distributed, evaluate, export, lora, reference
+from . import checkpoint, distributed, evaluate, export, lora, reference, report
 from .config import TrainConfig, identity_changes
 from .model import (
     MPOModel,
@@ -143,12 +143,14 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     bad: set[int] = set()
     bar = progress_bar(cfg, ctx, total, step)
     best = evaluate.Best(cfg, state.get("best"))
+    trackers = report.Reporter(cfg, out_dir, step, ctx.main)  # --report-to
 
     def write_record(record: dict) -> None:
         result.history.append(record)
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+        trackers.log(record)
 
     def run_state() -> dict:  # trainer_state.json: ours, and the HF Trainer's names
         return export.trainer_state(
@@ -294,6 +296,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
         bar.close()
     if metrics_file:
         metrics_file.close()
+    trackers.close()
     if bad:
         say(f"skipped {len(bad)} bad pairs while training")
     if skipped["nonfinite"] or skipped["empty"]:
