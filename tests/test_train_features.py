@@ -381,3 +381,38 @@ def test_tensorboard_events_hold_the_loss_and_wandb_gets_the_records(tmp_path, m
     assert (tmp_path / "run" / "wandb_run_id").read_text() == "run1"
     with pytest.raises(ValueError, match="report_to must be one of"):
         resolve({"report_to": "tensorbord"})
+
+
+# --------------------------------------------------------------------------- TRL's names
+
+
+def test_config_accepts_trls_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "trl.yaml").write_text(
+        "model_name_or_path: org/model\nlearning_rate: 1.0e-5\nnum_train_epochs: 2\n"
+        "lr_scheduler_type: constant_with_warmup\nadam_beta1: 0.8\nadam_beta2: 0.99\n"
+        "per_device_train_batch_size: 4\ngradient_accumulation_steps: 8\n"
+        "loss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\nlogging_steps: 5\n"
+        "save_steps: 50\nsave_total_limit: 3\neval_steps: 25\nmetric_for_best_model: eval_loss\n"
+        "greater_is_better: false\nbf16: true\nuse_peft: true\nlora_alpha: 16\n"
+        "dataset_name: org/prefs\ndataset_train_split: train\ndataset_test_split: test\n"
+        "eval_data: org/prefs\npadding_free: false\nprecompute_ref_log_probs: true\n"
+        "beta: 0.2\nmax_length: 2048\nreport_to: [tensorboard]\n")
+    cfg = resolve({}, str(tmp_path / "trl.yaml"))
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.lr_schedule, cfg.adam_betas) == (
+        "org/model", 1e-5, 2.0, "constant", (0.8, 0.99))
+    assert cfg.pairs_per_step == 4 * 8 * 2  # per device x accumulation x processes
+    assert (cfg.loss_types, cfg.loss_weights, cfg.log_every, cfg.save_every,
+            cfg.keep_checkpoints, cfg.eval_every) == (("sigmoid", "sft"), (1.0, 0.5), 5, 50,
+                                                      3, 25)
+    assert (cfg.best_metric, cfg.greater_is_better, cfg.dtype, cfg.lora_r, cfg.lora_alpha,
+            cfg.reference) == ("eval/loss", False, "bf16", 16, 16.0, "cached")
+    assert (cfg.data, cfg.data_split, cfg.eval_split, cfg.packing, cfg.beta, cfg.max_length,
+            cfg.report_to) == ("org/prefs", "train", "test", False, 0.2, 2048,
+                               ("tensorboard",))
+    (tmp_path / "both.yaml").write_text("learning_rate: 1.0e-5\nlr: 2.0e-5\n")
+    with pytest.raises(ValueError, match="learning_rate and lr both set lr"):
+        resolve({}, str(tmp_path / "both.yaml"))
+    (tmp_path / "poly.yaml").write_text("lr_scheduler_type: polynomial\n")
+    with pytest.raises(ValueError, match="polynomial"):
+        resolve({}, str(tmp_path / "poly.yaml"))

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 from dataclasses import dataclass, fields
 
-__all__ = ["PRESETS", "TrainConfig", "resolve"]
+__all__ = ["PRESETS", "TRL_NAMES", "TrainConfig", "from_trl", "resolve"]
 
 
 @dataclass
@@ -163,7 +164,7 @@ def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> Trai
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
-        values.update(loaded)
+        values.update(from_trl(loaded, yaml_path))
     values.update(overrides or {})
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
@@ -174,6 +175,72 @@ def resolve(overrides: dict | None = None, yaml_path: str | None = None) -> Trai
         raise ValueError(f"preset must be one of {('none', *PRESETS)}, got {name!r}")
     preset = PRESETS.get(name, {})
     return TrainConfig(**{**preset, **values, "preset": name})
+
+
+# TRL's DPOConfig / ModelConfig / ScriptArguments names a --config file may use, for the
+# fields that mean the same here (README "TRL names"); the value converted where its form
+# differs. Fields with the same name (beta, max_length, warmup_ratio, ...) need no entry.
+TRL_NAMES: dict[str, str] = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "lr_scheduler_type": "lr_schedule",
+    "logging_steps": "log_every", "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints", "eval_steps": "eval_every",
+    "resume_from_checkpoint": "resume", "metric_for_best_model": "best_metric",
+    "loss_type": "loss_types", "padding_free": "packing",
+    "precompute_ref_log_probs": "reference", "model_name_or_path": "model",
+    "model_revision": "revision", "dtype": "torch_dtype", "dataset_name": "data",
+    "dataset_config": "data_config", "dataset_train_split": "data_split",
+    "dataset_test_split": "eval_split", "bf16": "dtype"}
+_SCHEDULES = {"cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+
+
+def from_trl(values: dict, where: str = "config") -> dict:
+    """``values`` with TRL's names (`TRL_NAMES`, adam_beta1/2, use_peft,
+    per_device_train_batch_size x gradient_accumulation_steps) turned into TrainConfig fields;
+    a field given under both names is an error."""
+    out = {k: v for k, v in values.items() if k not in TRL_NAMES}
+
+    def put(field: str, value, source: str) -> None:
+        if field in out:
+            raise ValueError(f"{where}: {source} and {field} both set {field}; give one")
+        out[field] = value
+
+    for trl, field in TRL_NAMES.items():
+        if trl not in values:
+            continue
+        value = values[trl]
+        if trl == "lr_scheduler_type":
+            if value not in _SCHEDULES:
+                raise ValueError(f"{where}: lr_scheduler_type {value!r}: only "
+                                 f"{sorted(_SCHEDULES)} have a counterpart (lr_schedule)")
+            value = _SCHEDULES[value]
+        elif trl == "save_total_limit":
+            value = value or 0
+        elif trl == "resume_from_checkpoint":
+            value = "auto" if value is True else (value or "")
+        elif trl == "metric_for_best_model" and value:
+            value = value if value.startswith("eval/") else "eval/" + value.removeprefix(
+                "eval_")
+        elif trl == "loss_type" and isinstance(value, str):
+            value = [value]
+        elif trl == "precompute_ref_log_probs":
+            if not value:
+                continue
+            value = "cached"
+        elif trl == "bf16":
+            value = "bf16" if value else "fp32"
+        put(field, value, trl)
+    if "adam_beta1" in out or "adam_beta2" in out:
+        put("adam_betas", (out.pop("adam_beta1", 0.9), out.pop("adam_beta2", 0.999)),
+            "adam_beta1/adam_beta2")
+    if out.pop("use_peft", False) and "lora_r" not in out:
+        out["lora_r"] = 16  # TRL's ModelConfig default rank
+    per_device = out.pop("per_device_train_batch_size", None)
+    accumulation = out.pop("gradient_accumulation_steps", None)
+    if per_device is not None or accumulation is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        put("pairs_per_step", int(per_device or 8) * int(accumulation or 1) * world,
+            "per_device_train_batch_size x gradient_accumulation_steps")
+    return out
 
 
 # Fields a resumed run may change: where and how often it reports and saves, how it splits
