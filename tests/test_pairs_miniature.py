@@ -404,9 +404,10 @@ def test_arms_share_warmup_and_pairs_and_the_test_split_waits_for_selection(tmp_
             assert len((pairs / f"shapes_{mode}.samples.jsonl").read_text().splitlines()) == 4
     assert calls[0][3] != next(c for c in calls if c[0] == 1)[3]  # seeds differ
 
-    # per seed: validation for every (arm, rate), then the choices, then the test split
-    n_val = len(cfg.arms) * len(cfg.lrs)
-    per_seed = n_val + len(cfg.arms) + 1 + len(cfg.arms)
+    # per seed: validation for the warm-up (a reference) and every (arm, rate), then the
+    # choices, then the test split
+    n_val = 1 + len(cfg.arms) * len(cfg.lrs)
+    per_seed = n_val + len(cfg.arms) + 1 + len(cfg.arms)  # + test: warm-up and each arm
     assert len(events) == 2 * per_seed
     for s in range(2):
         ev = events[s * per_seed:(s + 1) * per_seed]

@@ -107,7 +107,7 @@ class MiniatureConfig:
     gen_batch: int = 128
     # the arms and the learning-rate sweep
     arms: tuple[str, ...] = ("sft", "pref", "mpo", "dpo_sft")
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     epochs: float = 1.0
     pairs_per_step: int = 16
     beta: float = 0.1
@@ -412,8 +412,17 @@ def aggregate(seed_results: Sequence[dict]) -> dict:
             diffs[f"{m} - {base}"] = {k: paired_se([r["test"][m][k] for r in seed_results],
                                                    [r["test"][base][k] for r in seed_results])
                                       for k in METRICS}
+    validation = {}
+    for r in seed_results:
+        for arm, by_lr in r.get("validation", {}).items():
+            for lr, rates in by_lr.items():
+                validation.setdefault(arm, {}).setdefault(lr, []).append(rates)
+        if "validation_warmup" in r:
+            validation.setdefault(WARMUP, {}).setdefault("-", []).append(r["validation_warmup"])
+    validation = {arm: {lr: {k: _mean([x[k] for x in v]) for k in METRICS} | {"seeds": len(v)}
+                        for lr, v in by_lr.items()} for arm, by_lr in validation.items()}
     return {"seeds": [r["seed"] for r in seed_results], "n": len(ids), "models": models,
-            "accuracy": acc, "differences": diffs,
+            "accuracy": acc, "differences": diffs, "validation": validation,
             "chosen_lr": {m: [r["chosen_lr"][m] for r in seed_results] for m in models
                           if m != WARMUP},
             "pairs": {str(r["seed"]): r["pairs"] for r in seed_results},
@@ -457,12 +466,26 @@ def markdown(agg: dict, cfg: MiniatureConfig, wall_s: float | None = None) -> st
             per_seed = ", ".join(_pct(v, True) for v in x["seed_diffs"])
             cells.append(f"{_pct(x['diff'], True)} ± {_pct(x['se'])} [{per_seed}]")
         lines.append(f"| {short[m]} - {short[base]} | " + " | ".join(cells) + " |")
+    if agg.get("validation"):
+        lines += ["", f"Validation ({cfg.val_questions} questions, mean over seeds), direct / "
+                  "CoT accuracy per learning rate:", "",
+                  "| model | " + " | ".join(f"lr {lr:g}" for lr in cfg.lrs) + " |",
+                  "|---|" + "---|" * len(cfg.lrs)]
+        for m, by_lr in sorted(agg["validation"].items(), key=lambda kv: kv[0] != WARMUP):
+            if m == WARMUP:
+                v = by_lr["-"]
+                lines.append(f"| {label(m)} (no training) | {_pct(v['direct'])} / "
+                             f"{_pct(v['cot'])} |" + " |" * (len(cfg.lrs) - 1))
+                continue
+            cells = [f"{_pct(by_lr[f'{lr:g}']['direct'])} / {_pct(by_lr[f'{lr:g}']['cot'])}"
+                     if f"{lr:g}" in by_lr else "-" for lr in cfg.lrs]
+            lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     pairs = agg["pairs"]
     lines += ["", "Pairs per seed (CoT + direct + CoT format): " + "; ".join(
         f"seed {s}: {p['cot']['pairs']} + {p['direct']['pairs']} + {p['cot']['format_pairs']} "
         f"(sample accuracy CoT {_pct(p['cot']['sample_accuracy'])}%, direct "
         f"{_pct(p['direct']['sample_accuracy'])}%; right steps among right CoT samples "
-        f"{_pct(p['cot_chosen_steps_ok'])}%)" for s, p in pairs.items())]
+        f"{_pct(p['cot_chosen_steps_ok'])}%)".replace("n/a%", "n/a") for s, p in pairs.items())]
     if wall_s is not None:
         lines += ["", f"Wall time {wall_s / 60:.1f} min ({len(seeds)} seeds)."]
     return "\n".join(lines) + "\n"
@@ -608,6 +631,10 @@ def run_seed(out: Path, cfg: MiniatureConfig, seed: int, task: _Task, train: Tra
     val: dict[str, dict[float, dict]] = {}
     states: dict[tuple[str, float], dict] = {}
     times["train_s"], times["val_eval_s"] = {}, {}
+    val_warmup = evaluate(gen, val_items, task.root, cfg.instruction, cfg.max_new_tokens)["rates"]
+    log(f"[seed {seed}] warm-up: validation direct {val_warmup['direct']:.1%} CoT "
+        f"{val_warmup['cot']:.1%} right steps {val_warmup['steps']:.1%} (for reference: not a "
+        "candidate)")
     for arm in cfg.arms:
         val[arm] = {}
         for lr in cfg.lrs:
@@ -650,6 +677,7 @@ def run_seed(out: Path, cfg: MiniatureConfig, seed: int, task: _Task, train: Tra
                                                                         test_items],
             "test": test, "validation": {a: {f"{lr:g}": v for lr, v in d.items()}
                                          for a, d in val.items()},
+            "validation_warmup": val_warmup,
             "chosen_lr": chosen, "pairs": pairs, "times": times,
             "warmup_final_loss": _mean(sft_losses[-20:]) if sft_losses else None,
             "train_fn": getattr(train_fn, "__name__", "mpo_trainer")}
