@@ -5,6 +5,7 @@ TRL's config names."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -416,3 +417,37 @@ def test_config_accepts_trls_names(tmp_path, monkeypatch):
     (tmp_path / "poly.yaml").write_text("lr_scheduler_type: polynomial\n")
     with pytest.raises(ValueError, match="polynomial"):
         resolve({}, str(tmp_path / "poly.yaml"))
+
+
+def test_lora_run_resumes_exactly(tmp_path):
+    pytest.importorskip("peft")
+    from mpo_fast.train.loop import train
+
+    common = {"data": prefs(tmp_path / "p.jsonl"), "max_steps": 4, "pairs_per_step": 4,
+              "progress": False, "lora_r": 4, "log_every": 1, "save_every": 2,
+              "lora_dropout": 0.0}
+    straight = train(resolve({**common, "output_dir": str(tmp_path / "a")}), log=lambda *a: None)
+    # a run stopped after step 2: its folder with the step-2 checkpoint only
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002",
+                    tmp_path / "b" / "checkpoints" / "step-00000002")
+    resumed = train(resolve({**common, "output_dir": str(tmp_path / "b"), "resume": "auto"}),
+                    log=lambda *a: None)
+    losses = lambda r: {h["step"]: h["loss"] for h in r.history if "loss" in h}
+    assert losses(resumed) == {k: v for k, v in losses(straight).items() if k > 2}
+    for (n, a), b in zip(resumed.model.named_parameters(), straight.model.parameters(),
+                         strict=True):
+        assert torch.equal(a, b), n
+
+
+NEW_FLAGS = ["--preset", "--eval-data", "--eval-split", "--eval-every", "--eval-pairs",
+             "--best-metric", "--greater-is-better", "--lora-r", "--lora-alpha",
+             "--lora-dropout", "--lora-target-modules", "--lora-save", "--trust-remote-code",
+             "--revision", "--torch-dtype", "--attn-implementation", "--chat-template",
+             "--data-split", "--data-config", "--report-to"]
+
+
+def test_help_shows_every_new_flag_with_its_default():
+    parser = cli.build_parser()
+    helps = {opt: action.help for action in parser._actions for opt in action.option_strings}
+    for flag in NEW_FLAGS:
+        assert flag in helps and "(default: " in helps[flag], flag
