@@ -451,3 +451,66 @@ def test_help_shows_every_new_flag_with_its_default():
     helps = {opt: action.help for action in parser._actions for opt in action.option_strings}
     for flag in NEW_FLAGS:
         assert flag in helps and "(default: " in helps[flag], flag
+
+
+# --------------------------------------------------------------------------- two processes
+
+EVAL_WORKER = """
+import json, os, sys, torch
+from mpo_fast.data import tiny
+from mpo_fast.train.config import TrainConfig
+from mpo_fast.train.loop import train
+
+def run(out, mode):
+    torch.set_num_threads(1)
+    tok = tiny.tiny_tokenizer()
+    model = tiny.tiny_lm(tok, hidden=32, layers=2, heads=2, seed=0)
+    cfg = TrainConfig(model="given", data="given", output_dir=out, max_steps=2,
+                      pairs_per_step=8, max_tokens=4096, max_length=32, lr=3e-3,
+                      warmup_ratio=0.0, log_every=1, progress=False, distributed=mode,
+                      eval_data="tiny", eval_pairs=7, eval_every=1)
+    r = train(cfg, model=model, tokenizer=tok, examples=tiny.make_task(40, seed=1),
+              log=lambda *a: None)
+    return [h for h in r.history if "eval/loss" in h], r.final
+
+if __name__ == "__main__":
+    evals, final = run(sys.argv[2], sys.argv[1])
+    with open(f"{sys.argv[2]}/rank-{os.environ['RANK']}.json", "w") as f:
+        json.dump({"evals": evals, "final": final}, f)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_evaluate_like_one_and_export_final(mode, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    namespace: dict = {}
+    exec(EVAL_WORKER, namespace)
+    threads = torch.get_num_threads()
+    one, _ = namespace["run"](str(tmp_path / "one"), "none")
+    torch.set_num_threads(threads)
+    script = tmp_path / "worker.py"
+    script.write_text(EVAL_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / mode
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), mode, str(out)],
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        got = json.loads((out / f"rank-{rank}.json").read_text())["evals"]
+        assert [h["step"] for h in got] == [1, 2] and got[0]["eval/pairs"] == 7
+        for a, b in zip(got, one, strict=True):  # 4 + 3 pairs on two ranks = 7 on one
+            assert a["eval/loss"] == pytest.approx(b["eval/loss"], rel=1e-4)
+            assert a["eval/rewards/margins"] == pytest.approx(b["eval/rewards/margins"],
+                                                              rel=1e-3, abs=1e-6)
+    AutoModelForCausalLM.from_pretrained(out / "final")  # full weights, whatever the sharding
