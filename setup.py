@@ -76,7 +76,7 @@ setup(
         # tests check that nothing in this repository shadows it
         "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ruff", "trl>=1.15,<2",
                  "datasets", "peft", "pyyaml", "safetensors", "tqdm", "pillow", "matplotlib",
-                 "kernels", "tensorboard"],
+                 "kernels", "tensorboard", "wandb"],
         # the benchmarks: progress bar, plots, and the peers (TRL's trainer needs datasets, pandas)
         "bench": ["tqdm", "matplotlib", "liger-kernel", "trl>=1.15,<2", "datasets", "pandas",
                   "cut-cross-entropy"],

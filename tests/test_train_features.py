@@ -514,3 +514,20 @@ def test_two_processes_evaluate_like_one_and_export_final(mode, tmp_path):
             assert a["eval/rewards/margins"] == pytest.approx(b["eval/rewards/margins"],
                                                               rel=1e-3, abs=1e-6)
     AutoModelForCausalLM.from_pretrained(out / "final")  # full weights, whatever the sharding
+
+
+def test_wandb_offline_run_holds_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from mpo_fast.train.loop import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train(resolve({"data": prefs(tmp_path / "p.jsonl"), "max_steps": 2,
+                            "output_dir": str(tmp_path / "run"), "pairs_per_step": 4,
+                            "log_every": 1, "progress": False, "report_to": "wandb"}),
+                   log=lambda *a: None)
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text()
+    [events] = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    raw = events.read_bytes()  # protobuf records: keys and values (as JSON text) readable
+    assert b"train/loss" in raw
+    assert all(json.dumps(h["loss"]).encode() in raw for h in result.history)
