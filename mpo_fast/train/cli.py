@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
               f"go on with --resume auto --output-dir {result.output_dir}")
         return 128 + result.stopped_by
     print(f"done: {result.step} steps; metrics in {result.output_dir}/metrics.jsonl; "
-          f"checkpoint {result.checkpoint}")
+          f"checkpoint {result.checkpoint}" + (f"; model in {result.final}" if result.final
+                                               else ""))
     return 0
 
 
@@ -113,4 +114,6 @@ def _implied(name: str) -> str:
 
 
 def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "''"
+    return repr(value)

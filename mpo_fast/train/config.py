@@ -60,7 +60,7 @@ class TrainConfig:
     lora_r: int = 0  # LoRA rank (0: full fine-tune)
     lora_alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.05  # dropout on the adapters' input
-    lora_target_modules: tuple[str, ...] = ()  # module names, "all-linear" (): the LM's linears
+    lora_target_modules: tuple[str, ...] = ()  # names, "all-linear" ("": LM linear layers)
     lora_save: str = "adapter"  # final/ holds the "adapter" or the "merged" model
     # optimization
     lr: float = 5e-6  # peak learning rate (AdamW)
