@@ -120,6 +120,7 @@ def test_eval_logs_every_metric_changes_no_training_state_and_keeps_the_best(tmp
     assert state["metric_for_best_model"] == "eval/rewards/accuracies"
     assert state["best_metric"] == best["eval/rewards/accuracies"]
     assert state["best"]["greater_is_better"] is True
+    assert state["best_model_checkpoint"] == str(tmp_path / "eval" / "best")
     assert any("best so far" in s and "higher is better" in s for s in said), said
     AutoModelForCausalLM.from_pretrained(tmp_path / "eval" / "best")
 

@@ -274,10 +274,10 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                 if best.improves(record):  # kept as <output_dir>/best, from its checkpoint
                     if saved != step:
                         result.checkpoint, saved = save_checkpoint(), step
+                    best.state["path"] = os.path.join(out_dir, "best")
                     if ctx.main:
-                        best.state["path"] = export.export(
-                            out_dir, "best", model, tokenizer, processor, run_state(),
-                            cfg.lora_save, checkpoint=result.checkpoint)
+                        export.export(out_dir, "best", model, tokenizer, processor, run_state(),
+                                      cfg.lora_save, checkpoint=result.checkpoint)
                     distributed.barrier(ctx)
                     say(f"best so far: {best.describe()}")
     if stopping:
