@@ -16,7 +16,10 @@ chosen tokens), so the loss never has to be undone and redone. Backward on J * w
 FSDP2 average over processes).
 
 The policy is an `MPOModel` (backbone + LM head + fused loss in one forward) wrapped by DDP or
-FSDP2; the reference a frozen copy, a disk cache, or the adapter-disabled PEFT policy.
+FSDP2 (with ``lora_r``, a PEFT LoRA model: lora.py); the reference a frozen copy, a disk cache,
+or the adapter-disabled PEFT policy. Held-out pairs are scored every ``eval_every`` steps and
+at the end (evaluate.py), every record also goes to the ``report_to`` trackers (report.py),
+and the run ends with ``<output_dir>/final`` (export.py).
 """
 
 from __future__ import annotations
