@@ -27,6 +27,14 @@ averaged over seeds, then the standard error of the mean difference: `paired_se`
 own difference and the chosen learning rates. A run stopped half way leaves the finished seeds'
 results.
 
+Cost (measured on the 2-core VM, torch 2.13, one thread per process): about 6 CPU-minutes a seed
+(warm-up 300 steps; 3,840 samples; 12 trainings of about 55 steps; 13 validation and 5 test
+evaluations), so the default 3 seeds take about 18 minutes in one process on an idle machine.
+Seeds can run side by side, one process each (``--seeds 0 --out A``, ``--seeds 1 --out B``, ...),
+then ``--pool A B ... --out C`` pools them (3 processes: 24 minutes of wall time on a machine
+busy with other work). ``--seeds``, ``--arms``, ``--lrs``, ``--test-questions`` make it cheaper;
+``--quick`` is a smoke test of every stage (about a minute), whose numbers mean nothing.
+
 One token layout throughout: the trainer tokenizes a pair with the processor's chat template and
 image tokens (`mpo_fast.data.collate.PairTokenizer`), which gives exactly the ids of `encode_row`
 (the SFT warm-up) and of the prompts `Generator` samples and evaluates with, and scores the same
