@@ -51,8 +51,9 @@ if [ "$DRY" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-# mpo_fast.kernels is kernels/ (setup.py maps it); a link makes it importable before and
-# without the editable install, which builds the C++/CUDA extension in the background.
+# mpo_fast/kernels is a committed symlink to kernels/ (docs/DESIGN.md §2); a copy of the tree
+# that dropped the link gets it back, so the package imports before and without the editable
+# install (which builds the C++/CUDA extension in the background).
 [ -e mpo_fast/kernels ] || ln -s ../kernels mpo_fast/kernels
 if has tests || has packing; then
   (MAX_JOBS=8 nice python3 -m pip install -q --no-deps --no-build-isolation -e . \
