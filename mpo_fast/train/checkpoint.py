@@ -6,6 +6,8 @@
         optimizer.pt          AdamW state (full, by parameter name: any process count loads it)
         scheduler.pt          the learning-rate schedule
         loss.safetensors      MPOLoss state: the BCO running mean and count
+        ref.safetensors       the reference copy's weights, when TR-DPO syncing moved them
+                              (``ref_sync_every``; absent otherwise: the initial model is it)
         rng-rank<r>.safetensors  every process's RNG states (python, numpy, torch, CUDA)
         trainer_state.json    step (the data position: see data.collate.step_pairs), config,
                               global_step, epoch, log_history, best metric (as the HF Trainer's)
@@ -58,6 +60,7 @@ __all__ = ["CheckpointError", "RunLock", "StopSignal", "candidates", "latest", "
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 MANIFEST = "manifest.json"
+REF_FILE = "ref.safetensors"
 LOCK_FILE = "run.lock"
 
 
@@ -66,7 +69,8 @@ class CheckpointError(RunError):
 
 
 def save(root: str, step: int, *, policy: nn.Module, optimizer, scheduler, ctx: Context,
-         state: dict, config=None, keep: int = 0, files=None) -> str:
+         state: dict, config=None, keep: int = 0, files=None,
+         reference: nn.Module | None = None) -> str:
     """Write checkpoint ``step`` under ``root`` atomically (replacing one of the same step);
     keep the newest ``keep`` up to this step (0: all). ``files(folder)``: writes the files
     that make the folder self-contained (tokenizer, generation config: rank 0, before the
@@ -74,6 +78,7 @@ def save(root: str, step: int, *, policy: nn.Module, optimizer, scheduler, ctx: 
 
     ``policy`` is the `MPOModel` (as wrapped by FSDP2, or the module inside DDP): its
     ``model.`` entries are the weights, the others (``loss_fn.bco_state``) the loss state.
+    ``reference``: the reference copy's model (not sharded), written as ref.safetensors.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -94,6 +99,9 @@ def save(root: str, step: int, *, policy: nn.Module, optimizer, scheduler, ctx: 
         if ctx.main:
             _write_main(tmp, weights, optim, scheduler, config,
                         {**state, "step": step, "world_size": ctx.world})
+            if reference is not None:
+                ref = {k: v.detach().cpu() for k, v in reference.state_dict().items()}
+                _write(os.path.join(tmp, REF_FILE), lambda f: _save_weights(ref, f))
             if files is not None:
                 files(tmp)
         barrier(ctx)  # every rank's RNG file is in
@@ -160,11 +168,14 @@ def verify(path: str) -> str | None:
     return None
 
 
-def load(path: str, *, policy: nn.Module, optimizer, scheduler, ctx: Context) -> dict:
+def load(path: str, *, policy: nn.Module, optimizer, scheduler, ctx: Context,
+         reference: nn.Module | None = None) -> dict:
     """Restore a checkpoint written by `save` (weights, loss state, optimizer, scheduler, this
-    rank's RNG) after checking its manifest; returns its trainer state (``step`` is the data
-    position). Raises `CheckpointError` for a checkpoint that fails the check or holds
-    anything but tensors and plain values."""
+    rank's RNG, and into ``reference`` its ref.safetensors if it has one) after checking its
+    manifest; returns its trainer state (``step`` is the data position) with
+    ``reference_saved`` (whether it held reference weights) and ``reference_loaded``. Raises
+    `CheckpointError` for a checkpoint that fails the check or holds anything but tensors and
+    plain values."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     why = verify(path)
@@ -179,6 +190,16 @@ def load(path: str, *, policy: nn.Module, optimizer, scheduler, ctx: Context) ->
     set_state_dict(policy, optimizer, model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt")))
+    state["reference_saved"] = os.path.exists(os.path.join(path, REF_FILE))
+    state["reference_loaded"] = state["reference_saved"] and reference is not None
+    if state["reference_loaded"]:
+        with _naming_read_errors(os.path.join(path, REF_FILE)):
+            saved = load_weights(path, REF_FILE)
+        try:
+            reference.load_state_dict(saved)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: {REF_FILE} does not fit this run's reference "
+                                  f"model: {str(err)[:300]}") from err
     rng = os.path.join(path, f"rng-rank{ctx.rank}.safetensors")
     if state.get("world_size") == ctx.world and os.path.exists(rng):
         with _naming_read_errors(rng):
@@ -204,9 +225,10 @@ def read_state(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path}: trainer_state.json unreadable: {err}") from err
 
 
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint folder, tied names restored."""
-    file = os.path.join(path, "model.safetensors")
+def load_weights(path: str, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint folder (or its reference's: ``name``
+    ref.safetensors), tied names restored."""
+    file = os.path.join(path, name)
     weights = load_file(file)
     with safe_open(file, "pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))

@@ -56,6 +56,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cDPO / robust / exo_pair / aot
     reference: str = "auto"  # "copy" (frozen), "cached" (on disk), "adapter" (LoRA's; auto: LoRA)
     ref_cache_dir: str = ""  # for reference="cached" ("": <output_dir>/ref_cache)
+    ref_sync_every: int = 0  # TR-DPO: update the reference from the policy every N steps (0: off)
+    ref_sync_alpha: float = 1.0  # TR-DPO: ref <- a * policy + (1 - a) * ref (1: a hard copy)
     # LoRA (PEFT): adapters train, the model stays as it is
     lora_r: int = 0  # LoRA rank (0: full fine-tune)
     lora_alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
@@ -103,6 +105,7 @@ class TrainConfig:
         _choice("preset", self.preset, ("", "none", *PRESETS))
         _choice("on_bad_data", self.on_bad_data, ("skip", "raise"))
         _choice("sft_normalize", self.sft_normalize, ("sequence", "token"))
+        asked = self.reference
         if self.reference == "auto":  # the adapter-disabled policy with LoRA: no second model
             self.reference = "adapter" if self.lora_r else "copy"
         _choice("reference", self.reference, ("copy", "cached", "adapter"))
@@ -126,6 +129,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check_ranges(self)
+        _check_ref_sync(self, asked)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -257,7 +261,7 @@ NOT_IDENTITY = frozenset({
 
 # Fields added after runs were saved without them, with the value those runs trained with
 # (a new default must not slip into a resumed run unseen).
-LEGACY_VALUES = {"sft_normalize": "token"}
+LEGACY_VALUES = {"sft_normalize": "token", "ref_sync_every": 0, "ref_sync_alpha": 1.0}
 
 
 def identity_changes(saved: dict, now: dict) -> dict:
@@ -340,7 +344,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
              ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
              ("eval_pairs", cfg.eval_pairs >= 0, ">= 0 (0: all)"),
              ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
-             ("max_nonfinite_steps", cfg.max_nonfinite_steps >= 1, ">= 1")]
+             ("max_nonfinite_steps", cfg.max_nonfinite_steps >= 1, ">= 1"),
+             ("ref_sync_every", cfg.ref_sync_every >= 0, ">= 0 (0: no reference syncing)"),
+             ("ref_sync_alpha", 0 < cfg.ref_sync_alpha <= 1, "in (0, 1] (1: a hard copy)")]
     for name, ok, must in rules:
         if not ok:
             raise ValueError(f"{name} must be {must}, got {getattr(cfg, name)!r}")
@@ -348,6 +354,29 @@ def _check_ranges(cfg: TrainConfig) -> None:
     unknown = [s for s in cfg.stop_signals if s not in signals]
     if unknown:
         raise ValueError(f"stop_signals: {unknown} are not signals a process can catch")
+
+
+def _check_ref_sync(cfg: TrainConfig, asked: str) -> None:
+    """TR-DPO (``ref_sync_every`` > 0) moves the reference's weights during training: only a
+    reference with weights of its own (``copy``) can follow. Refused with the others (and
+    with losses that use no reference), ``asked`` being the reference as given ("auto")."""
+    if not cfg.ref_sync_every:
+        return
+    given = f"reference={asked!r}" + (f" (here {cfg.reference!r})" if asked == "auto" else "")
+    if cfg.reference == "cached":
+        raise ValueError(
+            f"ref_sync_every={cfg.ref_sync_every} cannot be used with {given}: the cached "
+            "reference log-probs are computed once, from the initial model, and cannot follow "
+            "a reference that is updated during training; use reference='copy'")
+    if cfg.reference == "adapter":
+        raise ValueError(
+            f"ref_sync_every={cfg.ref_sync_every} cannot be used with {given}: the "
+            "adapter-disabled reference is the frozen base model, which syncing cannot "
+            "update; use reference='copy' (a frozen copy of the LoRA policy, adapters "
+            "included) or ref_sync_every=0")
+    if set(cfg.loss_types) <= {"sft", "orpo"}:
+        raise ValueError(f"ref_sync_every={cfg.ref_sync_every} does nothing: loss_types "
+                         f"{list(cfg.loss_types)} use no reference")
 
 
 def _choice(name: str, value, choices: tuple) -> None:

@@ -17,9 +17,10 @@ FSDP2 average over processes).
 
 The policy is an `MPOModel` (backbone + LM head + fused loss in one forward) wrapped by DDP or
 FSDP2 (with ``lora_r``, a PEFT LoRA model: lora.py); the reference a frozen copy, a disk cache,
-or the adapter-disabled PEFT policy. Held-out pairs are scored every ``eval_every`` steps and
-at the end (evaluate.py), every record also goes to the ``report_to`` trackers (report.py),
-and the run ends with ``<output_dir>/final`` (export.py).
+or the adapter-disabled PEFT policy (TR-DPO, ``ref_sync_every``: the copy is moved towards the
+policy every N steps, `reference.sync`, and checkpointed). Held-out pairs are scored every
+``eval_every`` steps and at the end (evaluate.py), every record also goes to the ``report_to``
+trackers (report.py), and the run ends with ``<output_dir>/final`` (export.py).
 """
 
 from __future__ import annotations
@@ -133,7 +134,15 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     if not cfg.resume and checkpoint.latest(ckpt_dir):
         raise ValueError(f"{out_dir} already has checkpoints: resume with --resume auto, or "
                          "train into a new --output-dir")
-    state = resume(cfg, ckpt_dir, distributed.unwrap(policy), optimizer, scheduler, ctx, say)
+    # the reference copy's weights go into checkpoints once TR-DPO syncing moves them
+    ref_model = (ref.model if isinstance(ref, reference.FrozenCopy) and ctx.mode != "fsdp"
+                 else None)
+    state = resume(cfg, ckpt_dir, distributed.unwrap(policy), optimizer, scheduler, ctx, say,
+                   ref_model)
+    if state.get("reference_saved") and not state.get("reference_loaded"):
+        say(f"warning: {state['path']} holds a synced reference (ref_sync_every) that this "
+            f"run's reference ({cfg.reference}) cannot take: it is the initial model again")
+    save_ref = ref_model if cfg.ref_sync_every or state.get("reference_loaded") else None
     step = saved = state.get("step", 0)
     result.checkpoint = state.get("path")
     skipped = {"nonfinite": state.get("skipped_nonfinite", 0),
@@ -166,7 +175,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
         return checkpoint.save(
             ckpt_dir, step, policy=distributed.unwrap(policy), optimizer=optimizer,
             scheduler=scheduler, ctx=ctx, config=getattr(model, "config", None),
-            keep=cfg.keep_checkpoints, state=run_state(),
+            keep=cfg.keep_checkpoints, state=run_state(), reference=save_ref,
             files=lambda folder: export.write_model_files(folder, model, tokenizer, processor))
 
     # ------------------------------------------------------------- the loop
@@ -232,6 +241,8 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:  # TR-DPO (skipped or not)
+                reference.sync(ref, model, cfg.ref_sync_alpha)
 
             # --------------------------------------------------------- log
             if skip or step % cfg.log_every == 0 or step == total:
@@ -341,11 +352,13 @@ def lock_output(out_dir: str, ctx, say):
     return lock
 
 
-def resume(cfg: TrainConfig, ckpt_dir: str, policy, optimizer, scheduler, ctx, say) -> dict:
+def resume(cfg: TrainConfig, ckpt_dir: str, policy, optimizer, scheduler, ctx, say,
+           ref_model=None) -> dict:
     """Load the checkpoint ``cfg.resume`` names ("auto": the newest intact one in ``ckpt_dir``;
     one that fails its manifest or holds anything but tensors is set aside as
     ``corrupt-step-<n>``, saying why) after checking it comes from a run with this
-    configuration. Returns its trainer state plus ``path``, or {} for a fresh start."""
+    configuration (its synced reference weights, if any, into ``ref_model``). Returns its
+    trainer state plus ``path``, or {} for a fresh start."""
     if not cfg.resume:
         return {}
     paths = checkpoint.candidates(ckpt_dir) if cfg.resume == "auto" else [cfg.resume]
@@ -353,7 +366,7 @@ def resume(cfg: TrainConfig, ckpt_dir: str, policy, optimizer, scheduler, ctx, s
         try:
             check_identity(cfg, checkpoint.read_state(path), path, say)
             state = checkpoint.load(path, policy=policy, optimizer=optimizer,
-                                    scheduler=scheduler, ctx=ctx)
+                                    scheduler=scheduler, ctx=ctx, reference=ref_model)
         except checkpoint.CheckpointError as err:
             if cfg.resume != "auto":
                 raise

@@ -12,6 +12,9 @@ rejected [B])`` (fp32 sums of completion-token log-probs, no grad), passed to `M
                      recomputed, with a warning, never trusted
     AdapterDisabled  a PEFT/LoRA policy with its adapters switched off (needs `peft`)
 
+TR-DPO (``ref_sync_every`` > 0): `sync` moves a FrozenCopy's weights towards the policy's
+every N optimizer steps; only the copy can follow (config.py refuses the others).
+
 All three go through `sequence_logps`: the backbone's hidden states and the fused head of
 `mpo_fast.hf_model` (the policy's rules: logit scale, soft-cap, precision) — no logits.
 """
@@ -35,7 +38,7 @@ from .distributed import Context, all_sum, barrier, shard
 from .model import head_logprobs
 
 __all__ = ["AdapterDisabled", "CachedReference", "FrozenCopy", "data_key", "fingerprint", "make",
-           "sequence_logps"]
+           "sequence_logps", "sync"]
 
 NO_REFERENCE = frozenset({"sft", "orpo"})
 
@@ -46,6 +49,10 @@ def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, 
     ``model`` before training starts (and before a resume loads trained weights)."""
     if set(cfg.loss_types) <= NO_REFERENCE:
         return None
+    if cfg.ref_sync_every and ctx.mode == "fsdp":
+        raise ValueError("ref_sync_every (TR-DPO reference syncing) is not supported with FSDP "
+                         "(the reference copy is sharded); use DDP (--distributed ddp) or "
+                         "ref_sync_every=0")
     if cfg.reference == "copy":
         return FrozenCopy(model, ctx, autocast, amp_dtype)
     if cfg.reference == "adapter":
@@ -96,6 +103,25 @@ class FrozenCopy(nn.Module):
 
     def logps(self, batch: Batch):
         return self(batch)
+
+
+@torch.no_grad()
+def sync(ref: FrozenCopy, policy: nn.Module, alpha: float = 1.0) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024), in place: every parameter of the
+    reference becomes the policy's (``alpha`` 1: a hard update, an exact copy) or
+    ``alpha * policy + (1 - alpha) * ref`` (soft: `torch.lerp`). ``policy`` is the unwrapped
+    model (under DDP the module inside the wrapper: every rank holds the same weights and
+    updates its own copy, no communication); its buffers are not trained and are left."""
+    mine, theirs = dict(ref.model.named_parameters()), dict(policy.named_parameters())
+    if mine.keys() != theirs.keys():
+        raise RuntimeError("the reference copy and the policy have different parameters: "
+                           f"{sorted(mine.keys() ^ theirs.keys())[:5]}")
+    for name, r in mine.items():
+        p = theirs[name].detach()
+        if alpha == 1.0:
+            r.copy_(p)
+        else:
+            r.lerp_(p.to(r.dtype), alpha)
 
 
 class AdapterDisabled:
