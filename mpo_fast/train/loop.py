@@ -135,8 +135,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
         raise ValueError(f"{out_dir} already has checkpoints: resume with --resume auto, or "
                          "train into a new --output-dir")
     # the reference copy's weights go into checkpoints once TR-DPO syncing moves them
-    ref_model = (ref.model if isinstance(ref, reference.FrozenCopy) and ctx.mode != "fsdp"
-                 else None)
+    ref_model = reference.synced_weights(ref) if ctx.mode != "fsdp" else None
     state = resume(cfg, ckpt_dir, distributed.unwrap(policy), optimizer, scheduler, ctx, say,
                    ref_model)
     if state.get("reference_saved") and not state.get("reference_loaded"):

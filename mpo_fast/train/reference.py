@@ -105,6 +105,12 @@ class FrozenCopy(nn.Module):
         return self(batch)
 
 
+def synced_weights(ref) -> nn.Module | None:
+    """The model whose weights TR-DPO syncing moves: a frozen copy's (the only reference kind
+    that is a module of its own); None for the cache, the adapter-disabled policy or none."""
+    return ref.model if isinstance(ref, nn.Module) else None
+
+
 @torch.no_grad()
 def sync(ref: FrozenCopy, policy: nn.Module, alpha: float = 1.0) -> None:
     """TR-DPO's reference update (Gorbatovski et al. 2024), in place: every parameter of the
