@@ -78,7 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     m.add_argument("--arms", default=None, help="comma-separated arms among sft, pref, mpo, "
                    "dpo_sft (all four)")
     m.add_argument("--lrs", default=None, help="comma-separated learning rates swept per arm "
-                   "(3e-5,1e-4,3e-4); one value: no sweep")
+                   "(1e-5,3e-5,1e-4); one value: no sweep")
     m.add_argument("--val-questions", type=int, default=None,
                    help="validation questions the learning rate is chosen on (300)")
     m.add_argument("--test-questions", type=int, default=None, help="test questions (1000)")
