@@ -29,10 +29,10 @@ results.
 
 Cost (measured on the 2-core VM, torch 2.13, one thread per process): about 6 CPU-minutes a seed
 (warm-up 300 steps; 3,840 samples; 12 trainings of about 55 steps; 13 validation and 5 test
-evaluations), so the default 3 seeds take about 18 minutes in one process on an idle machine.
-Seeds can run side by side, one process each (``--seeds 0 --out A``, ``--seeds 1 --out B``, ...),
-then ``--pool A B ... --out C`` pools them (3 processes: 24 minutes of wall time on a machine
-busy with other work). ``--seeds``, ``--arms``, ``--lrs``, ``--test-questions`` make it cheaper;
+evaluations), so the default 3 seeds should take about 18 minutes in one process on an idle
+machine (an estimate from the CPU time). Seeds can run side by side, one process each
+(``--seeds 0 --out A``, ``--seeds 1 --out B``, ...), then ``--pool A B ... --out C`` pools them
+(3 processes at nice 19 on a machine busy with other work: 15 minutes of wall time). ``--seeds``, ``--arms``, ``--lrs``, ``--test-questions`` make it cheaper;
 ``--quick`` is a smoke test of every stage (about a minute), whose numbers mean nothing.
 
 One token layout throughout: the trainer tokenizes a pair with the processor's chat template and
