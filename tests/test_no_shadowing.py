@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CLASHES = r"""
 import importlib.metadata as md, importlib.util, json, os, sys
 root = os.path.realpath(os.getcwd())
+env = os.path.realpath(sys.prefix) + os.sep  # a venv may live in the checkout (.venv/)
 assert os.path.realpath(sys.path[0] or os.getcwd()) == root, sys.path[0]
 names = {e.name[:-3] if e.name.endswith(".py") else e.name for e in os.scandir(root)
          if (e.is_dir() and e.name.isidentifier()) or e.name.endswith(".py")}
@@ -33,7 +34,8 @@ for name in sorted(names & set(owners)):
     spec = importlib.util.find_spec(name)
     places = [spec.origin] if spec.origin else []
     places += list(spec.submodule_search_locations or [])
-    inside = [p for p in places if os.path.realpath(p).startswith(root + os.sep)]
+    inside = [p for p in places if os.path.realpath(p).startswith(root + os.sep)
+              and not os.path.realpath(p).startswith(env)]
     if inside:
         clashes[name] = {"distributions": owners[name], "resolves_to": inside}
 print(json.dumps(clashes))
@@ -71,12 +73,14 @@ def test_transformers_and_our_kernels_import_from_the_repo_root():
         "import os, importlib.util, importlib.metadata as md\n"
         "from transformers import AutoModelForCausalLM, LlamaForCausalLM\n"
         "import mpo_fast.kernels.logprob_forward as fwd\n"
+        "import sys\n"
         "root = os.path.realpath(os.getcwd())\n"
+        "env = os.path.realpath(sys.prefix) + os.sep\n"
         "assert os.path.realpath(fwd.__file__).startswith(root), fwd.__file__\n"
         "if 'kernels' in md.packages_distributions():\n"
         "    import kernels\n"
-        "    assert not os.path.realpath(kernels.__file__ or '').startswith(root), "
-        "kernels.__path__\n"
+        "    where = os.path.realpath(kernels.__file__ or '')\n"
+        "    assert where.startswith(env) or not where.startswith(root), kernels.__path__\n"
         "    print('kernels', md.version('kernels'), kernels.__file__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
