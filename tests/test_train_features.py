@@ -532,3 +532,37 @@ def test_wandb_offline_run_holds_the_loss(tmp_path, monkeypatch):
     raw = events.read_bytes()  # protobuf records: keys and values (as JSON text) readable
     assert b"train/loss" in raw
     assert all(json.dumps(h["loss"]).encode() in raw for h in result.history)
+
+
+def test_backend_reaches_the_policys_and_the_references_head(tmp_path, monkeypatch):
+    """TrainConfig.backend picks the fused head's implementation for the policy's loss and the
+    reference's log-probs alike; Triton (here under the interpreter) and the torch twin train
+    the same steps."""
+    import mpo_fast.logprobs as logprobs
+    import mpo_fast.mpo as mpo
+    from mpo_fast.train.loop import train
+
+    pytest.importorskip("triton")
+    asked = []
+    real = logprobs.resolve_backend
+
+    def spy(where):
+        def resolve(backend, device, dtype):
+            asked.append((where, backend))
+            return real(backend, device, dtype)
+        return resolve
+
+    monkeypatch.setattr(logprobs, "resolve_backend", spy("reference"))
+    monkeypatch.setattr(mpo, "resolve_backend", spy("policy"))
+    data = prefs(tmp_path / "p.jsonl", times=2)
+    losses = {}
+    for backend in ("torch", "triton"):
+        asked.clear()
+        cfg = resolve({"data": data, "output_dir": str(tmp_path / backend), "max_steps": 2,
+                       "pairs_per_step": 4, "progress": False, "backend": backend,
+                       "max_length": 32})
+        losses[backend] = [r["loss"] for r in train(cfg, log=lambda *a: None).history]
+        assert set(asked) == {("reference", backend), ("policy", backend)}, asked
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TrainConfig(backend="cuda")

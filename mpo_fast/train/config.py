@@ -53,6 +53,7 @@ class TrainConfig:
     loss_weights: tuple[float, ...] = (0.8, 0.2, 1.0)  # one per loss type
     bco_delta: str = "running_mean"  # the paper's reward shift; "none" for delta = 0
     sft_normalize: str = "sequence"  # the paper's Eq. 5 (per answer); "token": TRL's token mean
+    backend: str = "auto"  # the fused head: "auto" (Triton on CUDA, else torch), "triton", "torch"
     label_smoothing: float = 0.0  # cDPO / robust / exo_pair / aot
     reference: str = "auto"  # "copy" (frozen), "cached" (on disk), "adapter" (LoRA's; auto: LoRA)
     ref_cache_dir: str = ""  # for reference="cached" ("": <output_dir>/ref_cache)
@@ -105,6 +106,7 @@ class TrainConfig:
         _choice("preset", self.preset, ("", "none", *PRESETS))
         _choice("on_bad_data", self.on_bad_data, ("skip", "raise"))
         _choice("sft_normalize", self.sft_normalize, ("sequence", "token"))
+        _choice("backend", self.backend, ("auto", "triton", "torch"))
         asked = self.reference
         if self.reference == "auto":  # the adapter-disabled policy with LoRA: no second model
             self.reference = "adapter" if self.lora_r else "copy"
@@ -253,7 +255,7 @@ def from_trl(values: dict, where: str = "config") -> dict:
 NOT_IDENTITY = frozenset({
     "preset", "output_dir", "resume", "resume_force", "progress", "log_every", "save_every",
     "keep_checkpoints", "max_nonfinite_steps", "stop_signals", "max_tokens",
-    "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir",
+    "gradient_checkpointing", "distributed", "on_bad_data", "ref_cache_dir", "backend",
     # evaluation reads the weights and changes nothing training reads
     "eval_data", "eval_split", "eval_every", "eval_pairs", "best_metric", "greater_is_better",
     "lora_save", "report_to"})

@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
     ref = reference.make(cfg, model, examples, tokenize, ctx, out_dir, autocast, amp)
     loss_fn = MPOLoss(cfg.beta, cfg.loss_types, cfg.loss_weights, cfg.label_smoothing,
                       cfg.bco_delta, softcap=logit_softcap(model),
-                      sft_normalize=cfg.sft_normalize)
+                      sft_normalize=cfg.sft_normalize, backend=cfg.backend)
     policy = distributed.wrap(MPOModel(model, loss_fn, amp).to(ctx.device), ctx)
     held_out = evaluate.held_out(cfg, model, tokenize, ctx, out_dir, autocast, amp, ref, say)
 

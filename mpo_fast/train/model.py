@@ -109,10 +109,11 @@ class MPOModel(nn.Module):
                                 ref_logps=ref_logps, sft_tokens=sft_tokens)
 
 
-def head_logprobs(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None
-                  ) -> torch.Tensor:
+def head_logprobs(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """Per-token log p(target) of the batch (the targets' shape, 0 where ignored) through the
-    fused head, with the model's logit scale and soft-cap: the reference's log-probs."""
+    fused head (``backend`` as `fused_logprobs` takes it), with the model's logit scale and
+    soft-cap: the reference's log-probs."""
     from ..logprobs import fused_logprobs
 
     hidden = hidden_states(model, batch)
@@ -121,7 +122,7 @@ def head_logprobs(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None 
     with hf_model.head_precision(weight.device, dtype=amp_dtype) as dtype:
         h, w, b = hf_model.prepare(hidden, weight, bias, dtype, shape.scale)
         return fused_logprobs(h.reshape(*batch.targets.shape, -1), w, batch.targets, bias=b,
-                              softcap=shape.softcap)
+                              softcap=shape.softcap, backend=backend)
 
 
 def logit_softcap(model: nn.Module) -> float | None:

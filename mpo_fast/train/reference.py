@@ -54,15 +54,16 @@ def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, 
                          "(the reference copy is sharded); use DDP (--distributed ddp) or "
                          "ref_sync_every=0")
     if cfg.reference == "copy":
-        return FrozenCopy(model, ctx, autocast, amp_dtype)
+        return FrozenCopy(model, ctx, autocast, amp_dtype, cfg.backend)
     if cfg.reference == "adapter":
         if ctx.mode == "fsdp":
             raise ValueError("reference='adapter' is not supported with FSDP; use 'copy' or "
                              "'cached'")
-        return AdapterDisabled(model, autocast, amp_dtype)
+        return AdapterDisabled(model, autocast, amp_dtype, cfg.backend)
     config = getattr(model, "config", None)
     key = fingerprint(model, data_key(examples, tokenize),
                       {"amp": str(amp_dtype), "loss_head": "fused", "packed": cfg.packing,
+                       "backend": cfg.backend,
                        "model_config": config.to_dict() if config is not None else None})
 
     def pair(i):
@@ -74,14 +75,14 @@ def make(cfg, model: nn.Module, examples, tokenize, ctx: Context, out_dir: str, 
     return CachedReference.build(
         model, (pair, len(examples)), cfg.ref_cache_dir or os.path.join(out_dir, "ref_cache"),
         key, ctx, max_tokens=cfg.max_tokens, pad_id=tokenize.pad_id, packed=cfg.packing,
-        autocast=autocast, amp_dtype=amp_dtype)
+        autocast=autocast, amp_dtype=amp_dtype, backend=cfg.backend)
 
 
 @torch.no_grad()
-def sequence_logps(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of the batch's B chosen and B rejected sequences."""
-    logp = head_logprobs(model, batch, amp_dtype)
+    logp = head_logprobs(model, batch, amp_dtype, backend)
     seq = batch.segments.sum(logp) if batch.packed else logp.sum(-1)
     return seq[:batch.num_pairs], seq[batch.num_pairs:]
 
@@ -90,16 +91,17 @@ class FrozenCopy(nn.Module):
     """A frozen deep copy of ``model``; under FSDP2 sharded like the policy (this module is
     the root whose forward unshards the copy's top-level weights)."""
 
-    def __init__(self, model: nn.Module, ctx: Context, autocast, amp_dtype=None):
+    def __init__(self, model: nn.Module, ctx: Context, autocast, amp_dtype=None,
+                 backend: str = "auto"):
         super().__init__()
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.autocast, self.amp_dtype = autocast, amp_dtype
+        self.autocast, self.amp_dtype, self.backend = autocast, amp_dtype, backend
         if ctx.mode == "fsdp":
             shard(self)
 
     def forward(self, batch: Batch):
         with self.autocast():
-            return sequence_logps(self.model, batch, self.amp_dtype)
+            return sequence_logps(self.model, batch, self.amp_dtype, self.backend)
 
     def logps(self, batch: Batch):
         return self(batch)
@@ -133,19 +135,20 @@ def sync(ref: FrozenCopy, policy: nn.Module, alpha: float = 1.0) -> None:
 class AdapterDisabled:
     """The PEFT policy itself with its adapters disabled (and dropout off) as the reference."""
 
-    def __init__(self, model: nn.Module, autocast, amp_dtype=None):
+    def __init__(self, model: nn.Module, autocast, amp_dtype=None, backend: str = "auto"):
         if not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapter' needs a PEFT model (with disable_adapter): "
                              "train with LoRA (--lora-r 16), or use reference='copy' for a "
                              "full fine-tune")
         self.model, self.autocast, self.amp_dtype = model, autocast, amp_dtype
+        self.backend = backend
 
     def logps(self, batch: Batch):
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter(), self.autocast():
-                return sequence_logps(self.model, batch, self.amp_dtype)
+                return sequence_logps(self.model, batch, self.amp_dtype, self.backend)
         finally:
             self.model.train(was_training)
 
@@ -162,8 +165,8 @@ class CachedReference:
 
     @classmethod
     def build(cls, model: nn.Module, tokenized, cache_dir: str, key: str, ctx: Context, *,
-              max_tokens: int, pad_id: int, packed: bool, autocast, amp_dtype=None
-              ) -> CachedReference:
+              max_tokens: int, pad_id: int, packed: bool, autocast, amp_dtype=None,
+              backend: str = "auto") -> CachedReference:
         """Load the cache ``cache_dir/ref_logps-<key>.pt``, or compute it with ``model`` (the
         policy before training), every rank a share, and write it once (atomically).
 
@@ -184,7 +187,7 @@ class CachedReference:
             for group in micro_batches(mine, max_tokens):
                 batch = collate([mine[i] for i in group], pad_id=pad_id,
                                 packed=packed).to(ctx.device)
-                chosen, rejected = sequence_logps(model, batch, amp_dtype)
+                chosen, rejected = sequence_logps(model, batch, amp_dtype, backend)
                 index = torch.tensor(batch.index, device=ctx.device)
                 table[index, 0], table[index, 1] = chosen.double(), rejected.double()
         model.train(was_training)
