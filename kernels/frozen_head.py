@@ -37,10 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_backward import _accumulate_mm, workspace_bytes
+from . import logprob_backward
+from .logprob_backward import _accumulate_mm
 from .tl_utils import interpreting, tanh
-
-_SLAB_ALIGN = 256
 
 
 @triton.jit
@@ -107,8 +106,7 @@ def _slab_softmax_kernel(
 
 def slab_rows(M: int, V: int, itemsize: int) -> int:
     """Vocab rows per slab: A (fp32) and P (input dtype), M x S each, fit the workspace."""
-    s = workspace_bytes() // max(1, M * (4 + itemsize)) // _SLAB_ALIGN * _SLAB_ALIGN
-    return min(triton.cdiv(V, _SLAB_ALIGN) * _SLAB_ALIGN, max(_SLAB_ALIGN, s))
+    return logprob_backward.slab_rows(M, V, 4 + itemsize)
 
 
 def forward_frozen(

@@ -110,13 +110,14 @@ def workspace_bytes() -> int:
     return int(float(mb) * 2**20) if mb else DEFAULT_WORKSPACE_BYTES
 
 
-def slab_rows(M: int, V: int, itemsize: int) -> int:
-    """Vocab rows per slab: the DA workspace M x S x itemsize fits the budget (module doc).
+def slab_rows(M: int, V: int, entry_bytes: int) -> int:
+    """Vocab rows per slab: a workspace of M x S entries of `entry_bytes` each (here DA, the
+    input dtype's itemsize) fits the budget (module doc).
 
     Always a multiple of 256 (the last slab is shorter), so DA's row stride never changes the
     kernel's specialization and every batch shape reuses one compiled kernel.
     """
-    s = workspace_bytes() // max(1, M * itemsize) // _SLAB_ALIGN * _SLAB_ALIGN
+    s = workspace_bytes() // max(1, M * entry_bytes) // _SLAB_ALIGN * _SLAB_ALIGN
     return min(triton.cdiv(V, _SLAB_ALIGN) * _SLAB_ALIGN, max(_SLAB_ALIGN, s))
 
 

@@ -41,6 +41,14 @@ def make_batch(B=3, T=11, H=16, V=97, dtype=torch.float32, lengths=None):
     return hidden, weight, targets, ref_hidden, ref_weight, lengths
 
 
+def packed(lengths, *padded):
+    """Each padded [S, T, ...] tensor as its sequences' first `length` rows back to back, and
+    the int32 cu_seqlens [S + 1] of that layout (built here, independent of the packer)."""
+    rows = [torch.cat([t[s, :n] for s, n in enumerate(lengths)]) for t in padded]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return (*rows, cu)
+
+
 def run(loss_fn, hidden, weight, targets, ref_hidden, ref_weight, scale=1.0, bias=None,
         train_head=True, **kw):
     h = hidden.clone().requires_grad_()
@@ -241,10 +249,7 @@ def test_single_pass_packed_with_bias_softcap_micro_batched(dtype, monkeypatch):
     bias = (0.5 * torch.randn(V)).to(dtype)
     head = {"softcap": 5.0, "temperature": 0.8}
     # packed: each sequence's first `length` positions, back to back
-    ph = torch.cat([hidden[s, :n] for s, n in enumerate(lengths)])
-    prh = torch.cat([rh[s, :n] for s, n in enumerate(lengths)])
-    pt = torch.cat([targets[s, :n] for s, n in enumerate(lengths)])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ph, prh, pt, cu = packed(lengths, hidden, rh, targets)
     segs = mpo_fast.Segments.from_cu_seqlens(cu)
     kw = {**MPO_LAGGED, **head}
     outs = [run(mpo_fast.MPOLoss(backend="torch", single_pass=sp, **kw), ph, weight, pt, prh,
@@ -494,10 +499,7 @@ def test_single_pass_triton_kernels_match_float64(dtype, dw_accum, monkeypatch):
     hidden, weight, targets, rh, rw, _ = make_batch(B, T, H, V, dtype, lengths=lengths)
     bias = (0.5 * torch.randn(V)).to(dtype)
     head = {"softcap": 5.0, "temperature": 0.8}
-    ph = torch.cat([hidden[s, :n] for s, n in enumerate(lengths)])
-    prh = torch.cat([rh[s, :n] for s, n in enumerate(lengths)])
-    pt = torch.cat([targets[s, :n] for s, n in enumerate(lengths)])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ph, prh, pt, cu = packed(lengths, hidden, rh, targets)
     calls = []
     real = kernels.single_pass_group
     monkeypatch.setattr(kernels, "single_pass_group", lambda *a: calls.append(1) or real(*a))
