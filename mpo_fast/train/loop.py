@@ -251,7 +251,7 @@ def _train(cfg: TrainConfig, ctx, say, out_dir: str, model, tokenizer, processor
                     **dict(zip(names, totals[1:-2], strict=True)),
                     "grad_norm": grad_norm, "tokens_per_s": totals[-2] / dt,
                     "padding_fraction": 1 - totals[-2] / max(totals[-1], 1),
-                    "peak_mem_mib": peak_memory_mib(ctx.device)}
+                    "peak_mem_mib": peak_bytes(ctx.device) / 2**20}
                 record.update({"lr": scheduler.get_last_lr()[0], "pairs": n_pairs,
                                "micro_batches": count, "step_time_s": dt,
                                "skipped_nonfinite": skipped["nonfinite"],
@@ -512,11 +512,6 @@ def tokenize_pair(tokenize: PairTokenizer, examples, i: int, cfg: TrainConfig, b
         return None
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far (`mpo_fast.measure.peak_bytes`), in MiB."""
-    return peak_bytes(device) / 2**20
-
-
 def progress_bar(cfg: TrainConfig, ctx, total: int, step: int):
     if not (cfg.progress and ctx.main):
         return None
@@ -524,8 +519,6 @@ def progress_bar(cfg: TrainConfig, ctx, total: int, step: int):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    import sys
-
     tty = sys.stderr.isatty()  # in a log file, a line every 15 s instead of every redraw
     return tqdm(total=total, initial=step, desc=run_name(cfg), unit="step", dynamic_ncols=True,
                 mininterval=0.5 if tty else 15.0)
